@@ -1,0 +1,148 @@
+"""Where hotbox keeps its files, the project config (``hot.toml``) and the plan.
+
+Project config is ``hot.toml`` in the current directory or the nearest parent::
+
+    [hot.box]
+    enabled = true              # HOT_BOX_ENABLED=false overrides it
+
+    [hot.plan]
+    name = "dev"
+    cus_limit = 10000           # total CUS the project may use; omit for unlimited
+    max_tasks = 1000            # total tasks; omit for unlimited
+    max_concurrent = 4          # boxes running at once
+    network = true              # whether network="internet" is allowed
+
+The directory holding ``hot.toml`` (or the current directory) is the project: it scopes ``hot://``
+storage and the CUS ledger. ``HOTBOX_HOME`` moves all of hotbox's own files (default: the user data dir).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_data_path
+from pydantic import Field
+
+from .errors import ConfigError
+from .models import HotModel
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Plan", "Project", "Settings", "hotbox_home", "load_settings"]
+
+CONFIG_NAME = "hot.toml"
+_FALSE = {"0", "false", "no", "off"}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hotbox_home() -> Path:
+    """Root of hotbox's own files: ledger, storage, image and kernel caches, state of running sandboxes."""
+    env = os.environ.get("HOTBOX_HOME")
+    return Path(env).expanduser() if env else user_data_path("hotbox-jupyter", appauthor=False)
+
+
+class Plan(HotModel):
+    """Limits of the project's plan (``[hot.plan]``)."""
+
+    name: str = "dev"
+    cus_limit: float | None = Field(default=None, ge=0, description="Total CUS; None is unlimited")
+    max_tasks: int | None = Field(default=None, ge=0, description="Total tasks; None is unlimited")
+    max_concurrent: int = Field(default=8, ge=1, description="Boxes running at once")
+    network: bool = Field(default=True, description='Whether network="internet" is allowed')
+
+
+class Project(HotModel):
+    """The project a process works for: its root directory and a stable id derived from it."""
+
+    root: Path
+    id: str
+
+    @classmethod
+    def at(cls, root: Path) -> Project:
+        root = root.resolve()
+        slug = re.sub(r"[^a-zA-Z0-9_.-]+", "-", root.name or "root").strip("-")[:40] or "project"
+        digest = hashlib.sha256(str(root).encode()).hexdigest()[:10]
+        return cls(root=root, id=f"{slug}-{digest}")
+
+
+class Settings(HotModel):
+    """Everything read from the environment and ``hot.toml``."""
+
+    enabled: bool = True
+    enabled_source: str = "default"
+    project: Project
+    plan: Plan = Plan()
+    home: Path
+    config_file: Path | None = None
+
+    @property
+    def storage_dir(self) -> Path:
+        """Host side of ``hot://`` for this project."""
+        return self.home / "storage" / self.project.id
+
+    @property
+    def ledger_path(self) -> Path:
+        """The CUS ledger (SQLite)."""
+        return self.home / "ledger.sqlite3"
+
+    @property
+    def state_dir(self) -> Path:
+        """Pid files and scratch of running sandboxes, so a crashed process's leftovers can be found."""
+        return self.home / "state"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Kernels, rootfs images and other content-addressed caches (``HOTBOX_CACHE`` moves it)."""
+        env = os.environ.get("HOTBOX_CACHE")
+        return Path(env).expanduser() if env else self.home / "cache"
+
+
+def _find_config(start: Path) -> Path | None:
+    for d in (start, *start.parents):
+        f = d / CONFIG_NAME
+        if f.is_file():
+            return f
+    return None
+
+
+def _parse_bool(field: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise ConfigError.invalid(field, value, "true or false (also 1/0, yes/no, on/off)")
+
+
+def load_settings(cwd: Path | None = None) -> Settings:
+    """Read ``hot.toml`` (nearest to ``cwd``) and the environment; raise ConfigError on bad values."""
+    cwd = (cwd or Path.cwd()).resolve()
+    cfg_file = _find_config(cwd)
+    data: dict[str, Any] = {}
+    if cfg_file is not None:
+        try:
+            data = tomllib.loads(cfg_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{cfg_file}: cannot read project config: {exc}") from exc
+    hot = data.get("hot", {})
+    box = hot.get("box", {})
+    enabled, source = True, "default"
+    if "enabled" in box:
+        enabled, source = _parse_bool("hot.box.enabled", box["enabled"]), str(cfg_file)
+    env = os.environ.get("HOT_BOX_ENABLED")
+    if env is not None and env.strip():
+        enabled, source = _parse_bool("HOT_BOX_ENABLED", env), "HOT_BOX_ENABLED"
+    plan = Plan.model_validate(hot.get("plan", {}))
+    root = cfg_file.parent if cfg_file else cwd
+    return Settings(enabled=enabled, enabled_source=source, project=Project.at(root), plan=plan,
+                    home=hotbox_home(), config_file=cfg_file)
