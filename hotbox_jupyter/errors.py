@@ -72,7 +72,17 @@ class ConfigError(HotboxError, ValueError):
         problems: list[tuple[str, Any, str]] = []
         lines = []
         for err in exc.errors(include_url=False):
-            field = ".".join(str(p) for p in err["loc"]) or "(input)"
+            prefix = ".".join(str(p) for p in err["loc"])
+            inner = (err.get("ctx") or {}).get("error")
+            if isinstance(inner, ConfigError) and inner.problems:
+                # A model with a custom __init__ is validated through it, so an inner model's
+                # ConfigError arrives wrapped: unwrap it instead of reporting it as one opaque value.
+                for field, value, text in inner.problems:
+                    field = f"{prefix}.{field}" if prefix else field
+                    problems.append((field, value, text))
+                    lines.append(f"  {field}={value!r}: {text}")
+                continue
+            field = prefix or "(input)"
             value = err.get("input")
             text = str(err["msg"]).removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":

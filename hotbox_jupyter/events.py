@@ -7,7 +7,7 @@ them. Nothing else crosses that seam.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from .models import ExitReason
 
@@ -78,4 +78,4 @@ class Exit:
     message: str
 
 
-Event = Union[StdoutChunk, StderrChunk, DisplayData, ResultValue, ErrorValue, Progress, Exit]
+Event = StdoutChunk | StderrChunk | DisplayData | ResultValue | ErrorValue | Progress | Exit

@@ -67,7 +67,7 @@ class OwnerId(tuple[int, str, str]):
                 LABEL_OWNER_HOST: self.host}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _owner_for(pid: int) -> OwnerId:
     return OwnerId((pid, process_start_time(pid) or "0", socket.gethostname()))
 
