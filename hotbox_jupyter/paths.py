@@ -1,14 +1,14 @@
-"""Files shipped with the package: the guest runtimes and the kernelspec.
+"""Files shipped with the package: the guest runtimes.
 
-In a wheel they live inside the package (``_runtimes``, ``_kernelspec``); in a source checkout they are
-the top-level ``runtimes/`` and ``kernelspec/`` directories.
+In a wheel they live inside the package (``_runtimes``); in a source checkout they are the top-level
+``runtimes/`` directory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["GUEST_RUNTIMES", "kernelspec_dir", "runtimes_dir"]
+__all__ = ["GUEST_RUNTIMES", "runtimes_dir"]
 
 # Where the runtimes directory appears inside every box and VM (read-only).
 GUEST_RUNTIMES = "/opt/hotbox"
@@ -27,7 +27,3 @@ def runtimes_dir() -> Path:
     """Host path of the guest runtimes (python/, node/, bin/hotbox)."""
     return _shipped("_runtimes", "runtimes")
 
-
-def kernelspec_dir() -> Path:
-    """Host path of the kernelspec files."""
-    return _shipped("_kernelspec", "kernelspec")
