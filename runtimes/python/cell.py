@@ -241,6 +241,8 @@ class _IPythonStandIn:
         mod = types.ModuleType("IPython", "hotbox stand-in: only IPython.display is provided")
         mod.__path__ = []  # type: ignore[attr-defined]
         mod.display = display  # type: ignore[attr-defined]
+        # Libraries that find "IPython" imported ask it for the running shell: there is none.
+        mod.get_ipython = lambda: None  # type: ignore[attr-defined]
         return mod
 
     def exec_module(self, module: types.ModuleType) -> None:
