@@ -1,0 +1,120 @@
+"""``python -m hotbox_jupyter.demo``: run the demo notebooks against a real kernel and show what they produced.
+
+Each notebook is executed with nbclient in a fresh ``python3`` kernel (the one users have), in the
+notebook's own directory, exactly as "Run all" would; then every code cell is printed with a readable
+summary of its outputs. The exit code is non-zero when a cell fails or a notebook cannot run, so the
+demo doubles as an end-to-end check in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["default_notebooks", "main", "summarize"]
+
+_PKG = Path(__file__).resolve().parent
+MAX_LINES = 12
+
+
+def default_notebooks() -> list[Path]:
+    """The demo notebooks of a source checkout (``notebooks/*.ipynb``); empty in a bare wheel install."""
+    return sorted((_PKG.parent / "notebooks").glob("*.ipynb"))
+
+
+def _clip(text: str, indent: str = "      ") -> str:
+    lines = text.rstrip("\n").splitlines()
+    if len(lines) > MAX_LINES:
+        lines = [*lines[: MAX_LINES - 2], f"... ({len(lines) - MAX_LINES + 3} more lines)", lines[-1]]
+    return "\n".join(indent + line for line in lines)
+
+
+def _describe_bundle(data: dict[str, Any]) -> str:
+    parts = []
+    for mime, payload in data.items():
+        if mime == "text/plain":
+            continue
+        size = len(payload) if isinstance(payload, str) else len(str(payload))
+        parts.append(f"{mime} ({size} chars)" if mime.startswith("image/") else mime)
+    text = str(data.get("text/plain", ""))
+    head = f"[{', '.join(parts)}]" if parts else ""
+    return head + ("\n" + _clip(text) if text else "")
+
+
+def summarize(nb: Any) -> str:
+    """The executed notebook as text: each code cell's first source line and its outputs."""
+    out: list[str] = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        first = (cell.source.strip().splitlines() or [""])[0]
+        out.append(f"[{cell.get('execution_count') or ' '}] {first}")
+        for o in cell.get("outputs", []):
+            kind = o["output_type"]
+            if kind == "stream":
+                out.append(f"   {o['name']}:\n{_clip(o['text'])}")
+            elif kind in ("display_data", "execute_result"):
+                label = "result" if kind == "execute_result" else "display"
+                out.append(f"   {label}: {_describe_bundle(o.get('data', {}))}")
+            elif kind == "error":
+                out.append(f"   error: {o['ename']}: {o['evalue']}")
+    return "\n".join(out)
+
+
+def run_notebook(path: Path, *, kernel: str, timeout: int, save: Path | None) -> bool:
+    """Execute one notebook and print its summary; True when every cell ran without error."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    read: Any = nbformat.read
+    write: Any = nbformat.write
+    nb = read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel,
+                            resources={"metadata": {"path": str(path.parent)}})
+    print(f"== {path}")
+    t0 = time.monotonic()
+    ok = True
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        ok = False
+        failure = str(exc)
+    except Exception as exc:  # the kernel died or never started: still print what ran
+        ok = False
+        failure = f"{type(exc).__name__}: {exc}"
+    print(summarize(nb))
+    if save is not None:
+        write(nb, save)
+    if ok:
+        print(f"== ok: {path.name} ran in {time.monotonic() - t0:.1f}s")
+    else:
+        print(f"== FAILED: {path.name}\n{_clip(failure, '   ')}")
+    return ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demos; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m hotbox_jupyter.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: notebooks/*.ipynb)")
+    parser.add_argument("--kernel", default="python3", help="kernel to run them with (default: python3)")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds a cell may take (default: 300)")
+    parser.add_argument("--save", type=Path, help="write the executed notebook here (one notebook only)")
+    args = parser.parse_args(argv)
+    paths: list[Path] = args.notebooks or default_notebooks()
+    if not paths:
+        print("no demo notebooks found (they live in notebooks/ of a source checkout)", file=sys.stderr)
+        return 2
+    if args.save is not None and len(paths) != 1:
+        print("--save takes exactly one notebook", file=sys.stderr)
+        return 2
+    results = [run_notebook(p, kernel=args.kernel, timeout=args.timeout, save=args.save) for p in paths]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
