@@ -305,6 +305,8 @@ class HotboxMagics(Magics):
         self._engine = engine
         self._line = _line_parser()
         self._followers: dict[str, threading.Thread] = {}
+        self.views: dict[str, Any] = {}
+        """The TaskView of each ``--async`` cell of this session, by task id."""
 
     @property
     def engine(self) -> ModuleType:
@@ -522,6 +524,7 @@ class HotboxMagics(Magics):
                 self._followers.pop(task.id, None)
 
         view.on_stop(stop)
+        self.views[task.id] = view
         thread = threading.Thread(target=follow, daemon=True, name=f"hotbox-follow-{task.id}")
         self._followers[task.id] = thread
         display(view)
