@@ -72,8 +72,20 @@ line_magic: Callable[[str], _Decorator] = magic.line_magic
 cell_magic: Callable[[str], _Decorator] = magic.cell_magic
 magic_args: Callable[[], _Decorator] = magic_arguments.magic_arguments
 argument: Callable[..., _Decorator] = magic_arguments.argument
-parse_argstring: Callable[[Any, str], argparse.Namespace] = magic_arguments.parse_argstring
 display: Callable[..., None] = _display
+
+
+def parse_argstring(magic_func: Any, line: str) -> argparse.Namespace:
+    """Parse a magic's line with its ``magic_arguments`` parser, split as a POSIX shell would split it.
+
+    (IPython's own splitting keeps the quotes, so ``--cmd 'cat -n'`` would arrive as ``"'cat -n'"``.)
+    """
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"cannot split the magic's options {line!r}: {exc}") from None
+    parsed: argparse.Namespace = magic_func.parser.parse_args(argv)
+    return parsed
 
 
 def _engine() -> ModuleType:
