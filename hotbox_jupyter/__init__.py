@@ -6,6 +6,8 @@ every cell inside a microVM (a Hotcell).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     BoxDisabledError,
     BoxFailedError,
@@ -20,6 +22,9 @@ from .errors import (
     TaskNotFoundError,
 )
 from .models import SIZES, BoxConf, BoxSize, ExitReason, SizeProfile, TaskInfo, TaskResult, TaskStatus
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 __version__ = "0.1.0"
 
@@ -44,4 +49,20 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "__version__",
+    "load_ipython_extension",
+    "unload_ipython_extension",
 ]
+
+
+def load_ipython_extension(ipython: InteractiveShell) -> None:
+    """``%load_ext hotbox_jupyter``: register ``%%hotbox`` and ``%hotbox`` (IPython is imported only now)."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: InteractiveShell) -> None:
+    """``%unload_ext hotbox_jupyter``: stop followed async boxes and remove the magics."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)
