@@ -642,12 +642,15 @@ def ensure_image(client: DockerClient, ref: str, progress: Progress | None = Non
     pull_image(client, ref, progress)
 
 
-def pull_image(client: DockerClient, ref: str, progress: Progress | None = None) -> None:
-    """Pull ``ref`` from its registry, reporting coalesced progress lines; blocking."""
+def pull_image(client: DockerClient, ref: str, progress: Progress | None = None, *, interval: float = 0.5) -> None:
+    """Pull ``ref`` from its registry, reporting coalesced progress lines; blocking.
+
+    Byte counts are summed over layers into one line at most every ``interval`` seconds.
+    """
     repository, tag = parse_repository_tag(ref)
     tag = tag or "latest"
     shown = f"{repository}{'@' if tag.startswith('sha256:') else ':'}{tag}"
-    tracker = _PullTracker(shown, progress)
+    tracker = _PullTracker(shown, progress, interval)
     _say(progress, f"pulling {shown}")
     try:
         for event in client.api.pull(repository, tag=tag, stream=True, decode=True):
@@ -662,8 +665,10 @@ def pull_image(client: DockerClient, ref: str, progress: Progress | None = None)
 @dataclass
 class _Layer:
     phase: str = ""
-    current: int = 0
+    downloaded: int = 0
     total: int = 0
+    extracted: int = 0
+    extract_total: int = 0
 
 
 @dataclass
@@ -671,8 +676,8 @@ class _PullTracker:
     """Turns the engine's per-layer pull events into a few readable lines.
 
     The engine sends an event per layer every few hundred KB; a line per event would drown a cell's
-    output. Phase changes that matter (download complete, pull complete, already exists) get a line
-    each; byte counts are summed over layers into one line at most every ``interval`` seconds.
+    output. Phase changes that matter (downloaded, extracting, pulled, already present) get a line each;
+    byte counts are summed over layers into one line at most every ``interval`` seconds.
     """
 
     ref: str
@@ -696,31 +701,38 @@ class _PullTracker:
             return
         layer = self.layers.setdefault(str(layer_id), _Layer())
         detail = event.get("progressDetail") or {}
-        if status in ("Downloading", "Extracting"):
-            layer.current, layer.total = int(detail.get("current") or 0), int(detail.get("total") or 0)
-            if status == "Extracting" and layer.phase != "Extracting":
+        current, total = int(detail.get("current") or 0), int(detail.get("total") or 0)
+        if status == "Downloading":
+            layer.downloaded, layer.total = current, total or layer.total
+            self._aggregate()
+        elif status == "Extracting":
+            if layer.phase != "Extracting":
                 self._emit(f"{self.ref}: layer {layer_id} extracting")
-            layer.phase = status
+            layer.downloaded = layer.total
+            layer.extracted, layer.extract_total = current, total or layer.extract_total
             self._aggregate()
         elif status in self._PHASES:
-            layer.phase = status
-            if layer.total:
-                layer.current = layer.total
+            layer.downloaded = layer.total
+            if status == "Pull complete":
+                layer.extracted = layer.extract_total
             self._emit(f"{self.ref}: layer {layer_id} {self._PHASES[status]}")
-        else:
-            layer.phase = status
+        layer.phase = status
 
     def _aggregate(self) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
+        if time.monotonic() - self.last < self.interval:
             return
-        total = sum(lay.total for lay in self.layers.values())
-        done = sum(min(lay.current, lay.total) for lay in self.layers.values())
-        finished = sum(lay.phase in ("Pull complete", "Already exists") for lay in self.layers.values())
-        if total:
-            pct = 100 * done // total
-            self._emit(f"{self.ref}: {done / _MB:.1f}/{total / _MB:.1f} MB ({pct}%), "
-                       f"{finished}/{len(self.layers)} layers done")
+        layers = self.layers.values()
+        total = sum(lay.total for lay in layers)
+        if not total:
+            return
+        done = sum(min(lay.downloaded, lay.total) for lay in layers)
+        line = f"{self.ref}: downloaded {done / _MB:.1f}/{total / _MB:.1f} MB ({100 * done // total}%)"
+        extract_total = sum(lay.extract_total for lay in layers)
+        if extract_total:
+            extracted = sum(min(lay.extracted, lay.extract_total) for lay in layers)
+            line += f", extracted {extracted / _MB:.1f}/{extract_total / _MB:.1f} MB"
+        finished = sum(lay.phase in ("Pull complete", "Already exists") for lay in layers)
+        self._emit(f"{line}, {finished}/{len(self.layers)} layers done")
 
     def _emit(self, line: str) -> None:
         if line != self.last_line:
