@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import box  # the Hot Box facade; docker-py is only imported when a box is started
 from .errors import (
     BoxDisabledError,
     BoxFailedError,
@@ -49,6 +50,7 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "__version__",
+    "box",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]

@@ -1,0 +1,329 @@
+"""Every docker-py call of Hot Box, and the container spec that carries its security model.
+
+The methods here block; TaskManager runs them in worker threads. Exceptions from docker-py and
+requests are translated at ONE place, :func:`translated`, into the package's error tree.
+
+Security model (the seed's, enforced by Docker and tried by ``tests/integration/test_box_security.py``):
+
+* default box: read-only root, every capability dropped, uid/gid 65534, at most 100 processes,
+  ``no-new-privileges``, no network (``network_mode="none"`` leaves only ``lo``);
+* writable box: writable root, uid 0 with :data:`WRITABLE_CAPS` only, at most 512 processes;
+* both: memory limit with no swap on top, a CPU share, ``/tmp`` a size-limited tmpfs, ``/data`` a
+  size-limited disk, tini as pid 1 (``init``) so that signals reach the code and zombies are reaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from ..errors import EngineUnavailableError, HotboxError, ImageError
+from ..models import BoxConf, Limits
+from ..owner import LABEL_MANAGED, LABEL_PROJECT, LABEL_TASK
+from ..paths import GUEST_RUNTIMES
+
+__all__ = ["WRITABLE_CAPS", "BoxSpec", "Engine", "translated"]
+
+log = logging.getLogger(__name__)
+
+# Where the task's state directory is, so a reaper in another process finds the /data disk to unmount.
+LABEL_STATE_DIR = "io.hotbox.state-dir"
+
+# Root in a writable box may install packages (apt/apk/pip chown and setuid files, drop to service
+# users, bind low ports in its own namespace, signal its own children) but gets nothing that reaches
+# past the container: no SYS_ADMIN, NET_ADMIN, NET_RAW, MKNOD, SYS_PTRACE, SYS_CHROOT, AUDIT_WRITE...
+WRITABLE_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "SETUID", "SETGID", "NET_BIND_SERVICE", "KILL"]
+
+HOT_MOUNT = "/hot"
+DATA_MOUNT = "/data"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+FIX_ENGINE = ("start the Docker engine: run `scripts/setup.sh` as root (installs and starts dockerd), "
+              "or `sudo systemctl start docker`, or start Docker Desktop; DOCKER_HOST must point at it")
+
+
+@contextlib.contextmanager
+def translated(action: str) -> Iterator[None]:
+    """The one place where docker-py / requests exceptions become hotbox errors."""
+    try:
+        yield
+    except docker.errors.ImageNotFound as exc:
+        raise ImageError(f"{action}: {exc.explanation or exc}") from exc
+    except docker.errors.APIError as exc:
+        raise HotboxError(f"{action}: the Docker engine refused: {exc.explanation or exc}") from exc
+    except (requests.exceptions.ConnectionError, ConnectionError, FileNotFoundError) as exc:
+        raise EngineUnavailableError(f"{action}: the Docker engine does not answer ({exc}); {FIX_ENGINE}") from exc
+    except docker.errors.DockerException as exc:
+        raise EngineUnavailableError(f"{action}: {exc}; {FIX_ENGINE}") from exc
+    except requests.exceptions.RequestException as exc:
+        raise EngineUnavailableError(f"{action}: talking to the Docker engine failed ({exc}); {FIX_ENGINE}") from exc
+
+
+@dataclass
+class BoxSpec:
+    """Everything needed to create one box's container."""
+
+    task_id: str
+    conf: BoxConf
+    limits: Limits
+    image_env: list[str]
+    runtimes: Path
+    storage: Path
+    data: Path
+    state_dir: Path
+    labels: dict[str, str]
+    stdin: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def command(self) -> tuple[list[str] | None, list[str] | None]:
+        """(entrypoint, cmd): ``script`` runs under ``sh -c 'set -ex ...'`` with the entrypoint cleared."""
+        conf = self.conf
+        if conf.script is not None:
+            return (conf.entrypoint if conf.entrypoint is not None else [""],
+                    ["/bin/sh", "-c", "set -ex\n" + conf.script])
+        return conf.entrypoint, conf.cmd
+
+    def environment(self) -> dict[str, str]:
+        """Image env, the runtimes' bin prepended to PATH, then the user's env (which wins)."""
+        env: dict[str, str] = {}
+        for item in self.image_env:
+            key, _, value = item.partition("=")
+            env[key] = value
+        path = env.get("PATH") or DEFAULT_PATH
+        env["PATH"] = f"{GUEST_RUNTIMES}/bin:{path}"
+        env.update(self.extra_env)
+        env.update(self.conf.env)
+        return env
+
+    def create_kwargs(self, api: docker.APIClient) -> dict[str, Any]:
+        """Keyword arguments of ``APIClient.create_container`` for this box."""
+        lim = self.limits
+        mem = f"{lim.memory_mb}m"
+        host_config = api.create_host_config(
+            binds={
+                str(self.runtimes): {"bind": GUEST_RUNTIMES, "mode": "ro"},
+                str(self.storage): {"bind": HOT_MOUNT, "mode": "rw"},
+                str(self.data): {"bind": DATA_MOUNT, "mode": "rw"},
+            },
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={lim.tmp_mb}m,mode=1777"},
+            read_only=lim.read_only,
+            cap_drop=["ALL"],
+            cap_add=None if lim.read_only else list(WRITABLE_CAPS),
+            security_opt=["no-new-privileges"],
+            pids_limit=lim.pids,
+            mem_limit=mem,
+            memswap_limit=mem,  # equal to the memory limit: no swap on top of it
+            nano_cpus=int(lim.cpu * 1e9),
+            network_mode="bridge" if self.conf.network == "internet" else "none",
+            init=True,
+        )
+        entrypoint, cmd = self.command()
+        return {
+            "image": self.conf.image,
+            "command": cmd,
+            "entrypoint": entrypoint,
+            "environment": self.environment(),
+            "user": lim.user,
+            "labels": {**self.labels, LABEL_STATE_DIR: str(self.state_dir)},
+            "host_config": host_config,
+            "stdin_open": self.stdin,  # with attach, docker-py also sets StdinOnce: EOF closes it
+            "tty": False,
+            "hostname": "hotbox",
+            "name": f"hotbox-{self.task_id}",
+        }
+
+
+class AttachedStream:
+    """The hijacked attach connection of one container: multiplexed stdout/stderr out, stdin in."""
+
+    def __init__(self, sock: Any) -> None:
+        self._keep = sock  # holds the HTTP response, which owns the connection
+        raw = getattr(sock, "_sock", sock)
+        self.sock: socket.socket = raw
+        raw.settimeout(None)  # docker-py's request timeout would cut a quiet box's stream
+        self._buf = b""
+
+    def write_stdin(self, data: bytes) -> None:
+        """Send ``data`` to the process and close its stdin (``docker run -i`` with a pipe)."""
+        try:
+            if data:
+                self.sock.sendall(data)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # the process may have exited without reading
+            log.debug("stdin not fully delivered: %s", exc)
+
+    def read_frames(self, limit: int = 1 << 20) -> list[tuple[int, bytes]] | None:
+        """Block for the next data; return every complete frame received (up to ``limit`` bytes), None at EOF.
+
+        Reading whatever is there in one go is what coalesces a flood into few large chunks.
+        """
+        out: list[tuple[int, bytes]] = []
+        total = 0
+        while True:
+            while len(self._buf) >= 8:
+                kind = self._buf[0]
+                size = int.from_bytes(self._buf[4:8], "big")
+                if len(self._buf) < 8 + size:
+                    break
+                data = self._buf[8: 8 + size]
+                self._buf = self._buf[8 + size:]
+                if out and out[-1][0] == kind:
+                    out[-1] = (kind, out[-1][1] + data)
+                else:
+                    out.append((kind, data))
+                total += size
+            if out and (total >= limit or not self._readable()):
+                return out
+            try:
+                chunk = self.sock.recv(256 * 1024)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return out or None
+            self._buf += chunk
+
+    def _readable(self) -> bool:
+        import select
+
+        r, _, _ = select.select([self.sock], [], [], 0)
+        return bool(r)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(Exception):
+            self._keep.close()
+
+
+class Engine:
+    """A warm docker-py client: one connection pool reused by every box (that is what makes start fast)."""
+
+    def __init__(self) -> None:
+        with translated("connecting to the Docker engine"):
+            # DOCKER_HOST & co. are honoured; the version is negotiated once, here.
+            self.client = docker.from_env(timeout=120)
+            self.api: docker.APIClient = self.client.api
+            self.api.ping()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+    def ping(self) -> None:
+        with translated("asking the Docker engine"):
+            self.api.ping()
+
+    def image_env(self, image: str) -> list[str] | None:
+        """The image's configured Env, or None if the image is not present locally."""
+        with translated(f"inspecting image {image!r}"):
+            try:
+                info = self.api.inspect_image(image)
+            except docker.errors.ImageNotFound:
+                return None
+        return list((info.get("Config") or {}).get("Env") or [])
+
+    def pull(self, image: str, progress: Callable[[str], None]) -> None:
+        """Pull ``image``, reporting progress lines; ImageError if it cannot be had."""
+        repo, tag = _split_ref(image)
+        with translated(f"pulling image {image!r}"):
+            try:
+                for msg in self.api.pull(repo, tag=tag, stream=True, decode=True):
+                    if "error" in msg:
+                        raise ImageError(f"image {image!r} is not present locally and pulling it failed: "
+                                         f"{msg['error']}")
+                    line = _progress_line(msg)
+                    if line:
+                        progress(line)
+            except (docker.errors.NotFound, docker.errors.APIError) as exc:
+                raise ImageError(f"image {image!r} is not present locally and pulling it failed: "
+                                 f"{exc.explanation or exc}") from exc
+
+    def create(self, spec: BoxSpec) -> str:
+        with translated(f"creating the container of task {spec.task_id}"):
+            return str(self.api.create_container(**spec.create_kwargs(self.api))["Id"])
+
+    def attach(self, cid: str, stdin: bool) -> AttachedStream:
+        """Attach before start so that no byte of output is lost."""
+        params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
+        if stdin:
+            params["stdin"] = 1
+        with translated("attaching to the container"):
+            return AttachedStream(self.api.attach_socket(cid, params=params))
+
+    def start(self, cid: str) -> None:
+        with translated("starting the container"):
+            self.api.start(cid)
+
+    def wait(self, cid: str) -> int:
+        """Block until the container stops; its exit code."""
+        with translated("waiting for the container"):
+            res = self.api.wait(cid, timeout=None)
+        return int(res.get("StatusCode", -1))
+
+    def inspect(self, cid: str) -> dict[str, Any] | None:
+        with translated("inspecting the container"):
+            try:
+                return dict(self.api.inspect_container(cid))
+            except docker.errors.NotFound:
+                return None
+
+    def kill(self, cid: str, signal: str) -> None:
+        """Send a signal; a container that already stopped is not an error."""
+        with translated(f"sending {signal} to the container"):
+            try:
+                self.api.kill(cid, signal=signal)
+            except docker.errors.APIError as exc:
+                if exc.status_code in (404, 409):  # gone, or not running any more
+                    return
+                raise
+
+    def remove(self, cid: str) -> None:
+        with translated("removing the container"):
+            try:
+                self.api.remove_container(cid, force=True, v=True)
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409 and "in progress" in str(exc.explanation):
+                    return  # someone else is already removing it
+                raise
+
+    def managed(self) -> list[dict[str, Any]]:
+        """Every container hotbox labelled, of any owner, running or not."""
+        with translated("listing containers"):
+            return list(self.api.containers(all=True, filters={"label": LABEL_MANAGED}))
+
+
+def _split_ref(image: str) -> tuple[str, str | None]:
+    if "@" in image:
+        return image, None
+    name, _, tag = image.rpartition(":")
+    if name and "/" not in tag:
+        return name, tag
+    return image, "latest"
+
+
+def _progress_line(msg: dict[str, Any]) -> str:
+    status = str(msg.get("status", ""))
+    if not status:
+        return ""
+    ident = msg.get("id")
+    detail = msg.get("progressDetail") or {}
+    text = f"{ident}: {status}" if ident else status
+    if detail.get("total"):
+        text += f" {detail.get('current', 0) * 100 // max(1, detail['total'])}%"
+    return text
+
+
+def task_labels(base: dict[str, str], task_id: str, project: str, extra: dict[str, str] | None) -> dict[str, str]:
+    """Labels of one box: the caller's first, ours on top (a caller cannot forge ownership)."""
+    return {**(extra or {}), **base, LABEL_TASK: task_id, LABEL_PROJECT: project}

@@ -1,0 +1,820 @@
+"""The async core of Hot Box: one TaskManager per process runs every box as an anyio task.
+
+``start()`` does every check that can refuse a box (config, enabled, image policy, engine, quota) and
+returns a TaskInfo at once; the box is then created, streamed, timed, billed and removed by a
+background task in the manager's task group. docker-py blocks, so each of its calls runs in a worker
+thread (:mod:`hotbox_jupyter.box.engine`); everything else happens on the manager's event loop, which
+for synchronous callers is the shared portal loop (:mod:`hotbox_jupyter.portal`).
+
+Console output is a journal per task: text is appended to ``<state>/tasks/<id>/console.log`` and only
+its byte ranges are kept in memory, next to the few structured events (display data, results,
+progress, the final Exit). A subscriber walks the journal with a cursor, so it replays from the start,
+then follows live, and reads big ranges at once when it falls behind: a flood of hundreds of MB costs
+disk, not memory, and a slow subscriber gets fewer, larger chunks rather than an ever-growing queue.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+from anyio.abc import TaskStatus as StartedStatus
+
+from . import policy
+from .billing import Ledger
+from .box.engine import LABEL_STATE_DIR, AttachedStream, BoxSpec, Engine, task_labels
+from .box.storage import DataDisk, ProjectStorage, destroy_disk_dir
+from .errors import (
+    BoxDisabledError,
+    ConfigError,
+    EngineUnavailableError,
+    HotboxError,
+    ImageError,
+    TaskNotFoundError,
+)
+from .events import Event, Exit, Progress, ResultValue, StderrChunk, StdoutChunk
+from .frames import FrameDecoder
+from .models import BoxConf, ExitReason, Limits, TaskInfo, TaskResult, TaskStatus
+from .owner import LABEL_OWNER_HOST, LABEL_OWNER_PID, LABEL_OWNER_START, LABEL_TASK, owner_alive, this_owner
+from .paths import runtimes_dir
+from .settings import Settings
+
+__all__ = ["Cursor", "TaskManager", "describe_exit"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# What a TaskResult holds in memory of the console (its tail); the full console stays in console_path.
+RESULT_CAP = 1 << 20
+MAX_SPARES = 4
+# Largest chunk handed to a subscriber at once.
+READ_CAP = 1 << 20
+STDOUT, STDERR = 1, 2
+_FORK_FAILED = ("fork: Resource temporarily unavailable", "Cannot fork", "can't fork", "fork failed",
+                "BlockingIOError: [Errno 11] Resource temporarily unavailable")
+
+_SIGNALS = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 6: "SIGABRT", 7: "SIGBUS", 8: "SIGFPE",
+            9: "SIGKILL", 11: "SIGSEGV", 13: "SIGPIPE", 14: "SIGALRM", 15: "SIGTERM"}
+
+
+def describe_exit(code: int) -> str:
+    """An exit code in plain words."""
+    if code == 0:
+        return "exited with code 0 (success)"
+    if code == 126:
+        return "exited with code 126: the command could not be executed (not executable or permission denied)"
+    if code == 127:
+        return "exited with code 127: command not found"
+    if code > 128 and code - 128 in _SIGNALS:
+        sig = code - 128
+        return f"exited with code {code}: killed by signal {sig} ({_SIGNALS[sig]})"
+    return f"exited with code {code} (failure)"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A subscriber's position in a journal: entry index, and bytes already read of a text entry."""
+
+    index: int = 0
+    offset: int = 0
+
+
+class _Journal:
+    """The event log of one task (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._size = 0
+        # ("out"|"err", start, end) ranges of console.log, or ("ev", Event)
+        self.entries: list[tuple[Any, ...]] = []
+        self.closed = False
+        self._changed = anyio.Event()
+        self.out_tail = bytearray()
+        self.err_tail = bytearray()
+        self.out_total = 0
+        self.err_total = 0
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def text(self, kind: Literal["out", "err"], text: str) -> None:
+        if not text or self.closed:
+            return
+        data = text.encode()
+        os.write(self._fd, data)
+        start, self._size = self._size, self._size + len(data)
+        last = self.entries[-1] if self.entries else None
+        if last is not None and last[0] == kind and last[2] == start:
+            self.entries[-1] = (kind, last[1], self._size)
+        else:
+            self.entries.append((kind, start, self._size))
+        tail = self.out_tail if kind == "out" else self.err_tail
+        tail += data
+        if len(tail) > 2 * RESULT_CAP:
+            del tail[: len(tail) - RESULT_CAP]
+        if kind == "out":
+            self.out_total += len(data)
+        else:
+            self.err_total += len(data)
+        self._notify()
+
+    def event(self, ev: Event) -> None:
+        if self.closed:
+            return
+        self.entries.append(("ev", ev))
+        if isinstance(ev, Exit):
+            self.closed = True
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._notify()
+
+    def _read(self, start: int, end: int) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        return data.decode(errors="replace")
+
+    async def next(self, cur: Cursor) -> tuple[list[Event], Cursor, bool]:
+        """Events after ``cur`` (waiting until there is one), the new cursor, and whether the end was reached."""
+        while cur.index >= len(self.entries) and not self.closed:
+            await self._changed.wait()
+        out: list[Event] = []
+        budget = READ_CAP
+        idx, off = cur.index, cur.offset
+        while idx < len(self.entries) and budget > 0:
+            entry = self.entries[idx]
+            if entry[0] == "ev":
+                out.append(entry[1])
+                idx, off = idx + 1, 0
+                continue
+            kind, start, end = entry
+            begin = start + off
+            stop = min(end, begin + budget)
+            if stop < end:
+                # Cut on a UTF-8 character boundary (continuation bytes are 0b10xxxxxx).
+                with open(self.path, "rb") as f:
+                    f.seek(begin)
+                    raw = f.read(stop - begin)
+                cut = len(raw)
+                while cut > 0 and (raw[cut - 1] & 0xC0) == 0x80:
+                    cut -= 1
+                if cut > 0 and raw[cut - 1] >= 0xC0:
+                    cut -= 1
+                cut = cut or len(raw)
+                text = raw[:cut].decode(errors="replace")
+                off += cut
+                budget -= cut
+            else:
+                text = self._read(begin, end)
+                budget -= end - begin
+                idx, off = idx + 1, 0
+            if text:
+                out.append(StdoutChunk(text) if kind == "out" else StderrChunk(text))
+        done = self.closed and idx >= len(self.entries)
+        return out, Cursor(idx, off), done
+
+    def console_tail(self, cap: int = RESULT_CAP) -> tuple[str, bool]:
+        """The last ``cap`` bytes of the console, and whether that is less than all of it."""
+        with open(self.path, "rb") as f:
+            f.seek(max(0, self._size - cap))
+            data = f.read()
+        if self._size > cap:
+            # Drop a partial character at the start.
+            i = 0
+            while i < len(data) and (data[i] & 0xC0) == 0x80:
+                i += 1
+            data = data[i:]
+        return data.decode(errors="replace"), self._size > cap
+
+
+class _Task:
+    """One box: its conf, its life so far, and its journal."""
+
+    def __init__(self, info: TaskInfo, conf: BoxConf, limits: Limits, task_dir: Path,
+                 stdin: bytes | None, labels: dict[str, str]) -> None:
+        self.info = info
+        self.conf = conf
+        self.limits = limits
+        self.dir = task_dir
+        self.stdin = stdin
+        self.labels = labels
+        self.status = TaskStatus.PENDING
+        self.result: TaskResult | None = None
+        self.done = anyio.Event()
+        self.journal = _Journal(task_dir / "console.log")
+        self.container_id: str | None = None
+        self.cancel_reason: ExitReason | None = None
+        self.pending_scope: anyio.CancelScope | None = None
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.result_value: Any = None
+        self.pids_hit = False
+        self._out = FrameDecoder()
+        self._err = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, kind: int, data: bytes) -> None:
+        if kind == STDERR:
+            self.journal.text("err", self._err.decode(data))
+            return
+        self._emit(self._out.feed(data))
+
+    def feed_eof(self) -> None:
+        self._emit(self._out.close())
+        self.journal.text("err", self._err.decode(b"", final=True))
+
+    def _emit(self, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, StdoutChunk):
+                self.journal.text("out", ev.text)
+            else:
+                if isinstance(ev, ResultValue):
+                    self.result_value = ev.value
+                self.journal.event(ev)
+
+    def progress(self, text: str) -> None:
+        self.journal.event(Progress(text))
+
+
+class TaskManager:
+    """Runs boxes for one process. Create it on an anyio loop, then ``await tg.start(manager.serve)``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.storage = ProjectStorage.for_settings(settings)
+        self.ledger = Ledger(settings.ledger_path)
+        self._tasks: dict[str, _Task] = {}
+        self._streams: dict[str, _Task] = {}
+        self._engine: Engine | None = None
+        self._engine_error: str | None = None
+        self._tg: TaskGroup | None = None
+        self._stop = anyio.Event()
+        # docker-py calls block a thread each (two per running box); keep them off anyio's shared default limiter.
+        self._limiter = anyio.CapacityLimiter(256)
+        # Image Env by reference: saves an inspect per box; refreshed if the image disappears.
+        self._image_env: dict[str, list[str]] = {}
+        # Ready /data disks by (size MB, uid, gid), made after a box took one (see _take_spare).
+        self._spares: dict[tuple[int, int, int], Path] = {}
+        self._spare_busy: set[tuple[int, int, int]] = set()
+
+    async def _thread(self, fn: Callable[..., T], *args: Any, abandon: bool = False) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=abandon)
+
+    # -- life of the manager ------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: StartedStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect to the engine, reap leftovers of dead processes, then run boxes until :meth:`close`."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self._connect(warn=True)
+            if self._engine is not None:
+                try:
+                    await self._thread(self.reap)
+                except HotboxError as exc:
+                    log.warning("could not reap boxes of dead processes: %s", exc)
+            with contextlib.suppress(Exception):
+                await self._thread(self._reap_state_dirs)
+                await self._thread(self.ledger.settle_orphans)
+            task_status.started()
+            await self._stop.wait()
+        if self._engine is not None:
+            self._engine.close()
+
+    async def close(self, grace: float = 1.0) -> None:
+        """Cancel every running box (waiting until each is gone), forget this process's tasks, stop serving."""
+        self._stop.set()
+        await self.shutdown(grace)
+        for task in list(self._tasks.values()):
+            await self._thread(shutil.rmtree, task.dir, True)
+        while self._spare_busy:
+            await anyio.sleep(0.01)
+        for spare in list(self._spares.values()):
+            await self._thread(_remove_owned_dir, spare)
+        self._spares.clear()
+
+    async def shutdown(self, grace: float = 1.0) -> None:
+        """Cancel every box still running, concurrently; returns once all are gone (used at exit)."""
+        async with anyio.create_task_group() as tg:
+            for task in list(self._tasks.values()):
+                if not task.done.is_set():
+                    tg.start_soon(self._cancel, task, ExitReason.CANCELLED, grace)
+
+    async def _connect(self, *, warn: bool) -> Engine:
+        if self._engine is not None:
+            return self._engine
+        try:
+            self._engine = await self._thread(Engine)
+            self._engine_error = None
+        except EngineUnavailableError as exc:
+            if warn:
+                log.warning("Hot Box: %s", exc)
+            self._engine_error = str(exc)
+            raise
+        return self._engine
+
+    # -- starting a box -----------------------------------------------------------------------------
+
+    async def start(self, conf: BoxConf | dict[str, Any], *, stdin: bytes | None = None,
+                    labels: dict[str, str] | None = None) -> TaskInfo:
+        """Check everything that could refuse the box, then start it in the background and return its TaskInfo.
+
+        Raises ConfigError, BoxDisabledError, ImageDeniedError, EngineUnavailableError or QuotaExceededError;
+        nothing is pulled, created or billed when it does.
+        """
+        conf = _as_conf(conf)
+        if stdin is not None and not isinstance(stdin, bytes | bytearray):
+            raise ConfigError.invalid("stdin", type(stdin).__name__, "bytes or None")
+        for k, v in (labels or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str) or not k:
+                raise ConfigError.invalid(f"labels[{k!r}]", v, "non-empty string keys with string values")
+        if not self.settings.enabled:
+            src = self.settings.enabled_source
+            how = "HOT_BOX_ENABLED=false" if src == "HOT_BOX_ENABLED" else "hot.box.enabled = false"
+            raise BoxDisabledError(f"Hot Box is disabled by {src} ({how}); enable it there to start boxes")
+        policy.check_image(conf.image)
+        if self._tg is None:
+            raise HotboxError("the task manager is not serving; start it with `await tg.start(manager.serve)`")
+        await self._connect(warn=False)
+        limits = conf.limits()
+        hexid = uuid.uuid4().hex[:12]
+        task_id = f"box-{hexid}"
+        owner = this_owner()
+        await self._thread(lambda: self.ledger.admit(
+            task_id=task_id, project=self.settings.project.id, plan=self.settings.plan, size=conf.size.value,
+            multiplier=limits.cus_multiplier, network=conf.network, timeout_s=limits.timeout_s, owner=owner,
+            image=conf.image))
+        task_dir = self.settings.state_dir / "tasks" / task_id
+        try:
+            task_dir.mkdir(parents=True)
+            (task_dir / "owner.json").write_text(json.dumps(
+                {"pid": owner.pid, "start": owner.start, "host": owner.host, "task": task_id}))
+            info = TaskInfo(id=task_id, stream_id=f"stream-{hexid}", image=conf.image, size=conf.size,
+                            created_at=datetime.now(timezone.utc))
+            task = _Task(info, conf, limits, task_dir, bytes(stdin) if stdin is not None else None,
+                         task_labels(owner.labels(), task_id, self.settings.project.id, labels))
+        except BaseException:
+            await self._thread(self.ledger.settle, task_id, 0.0, ExitReason.ERROR.value)
+            shutil.rmtree(task_dir, ignore_errors=True)
+            raise
+        self._tasks[task_id] = task
+        self._streams[info.stream_id] = task
+        self._tg.start_soon(self._run, task)
+        return info
+
+    # -- running a box ------------------------------------------------------------------------------
+
+    async def _run(self, task: _Task) -> None:
+        engine = self._engine
+        assert engine is not None
+        disk = DataDisk(task.dir / "disk", task.limits.disk_mb, *_uid_gid(task.limits.user))
+        timed_out = False
+        exit_code: int | None = None
+        state: dict[str, Any] | None = None
+        error: str | None = None
+        pumped = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as pending:
+                    task.pending_scope = pending
+                    await self._prepare(engine, task, disk, tg, pumped)
+                task.pending_scope = None
+                if task.status is not TaskStatus.RUNNING:  # cancelled before the box ran
+                    tg.cancel_scope.cancel()
+                else:
+                    exit_code, timed_out = await self._supervise(engine, task)
+                    # The stream ends when the container's last writer is gone; normally at once.
+                    with anyio.move_on_after(10):
+                        await pumped.wait()
+                    tg.cancel_scope.cancel()
+        except Exception as exc:
+            leaf = _leaf(exc)
+            if isinstance(leaf, HotboxError):
+                error = str(leaf)
+                log.info("task %s failed: %s", task.info.id, leaf)
+            else:  # a bug must not leave the box behind nor hang its waiters
+                error = f"internal error: {leaf!r}"
+                log.error("task %s crashed", task.info.id, exc_info=exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                task.ended = task.ended or time.monotonic()
+                if task.container_id is not None:
+                    with contextlib.suppress(HotboxError):
+                        state = (await self._thread(engine.inspect, task.container_id) or {}).get("State")
+                    with contextlib.suppress(HotboxError):
+                        await self._thread(engine.remove, task.container_id)
+                await self._thread(disk.destroy)
+                await self._finish(task, exit_code, timed_out, state, error)
+
+    async def _prepare(self, engine: Engine, task: _Task, disk: DataDisk, tg: TaskGroup, pumped: anyio.Event) -> None:
+        """Image, /data disk, container, attached stream; then start it. Cancellable until the container runs."""
+        conf = task.conf
+
+        async def image_env(*, fresh: bool = False) -> list[str]:
+            cached = None if fresh else self._image_env.get(conf.image)
+            if cached is not None:
+                return cached
+            env = await self._thread(engine.image_env, conf.image)
+            if env is None:
+                task.progress(f"pulling image {conf.image} (not present locally)")
+
+                def report(line: str) -> None:
+                    anyio.from_thread.run_sync(task.progress, line)
+
+                await self._thread(engine.pull, conf.image, report, abandon=True)
+                task.progress(f"pulled {conf.image}")
+                env = await self._thread(engine.image_env, conf.image) or []
+            self._image_env[conf.image] = env
+            return env
+
+        streams: list[AttachedStream] = []
+
+        async def create(env: list[str]) -> str:
+            spec = BoxSpec(task_id=task.info.id, conf=conf, limits=task.limits, image_env=env,
+                           runtimes=runtimes_dir(), storage=self.storage.root, data=disk.path, state_dir=task.dir,
+                           labels=task.labels, stdin=task.stdin is not None,
+                           extra_env={"TINI_KILL_PROCESS_GROUP": "1", "HOTBOX_TASK_ID": task.info.id})
+            with anyio.CancelScope(shield=True):  # a created container must be recorded, or it would leak
+                cid = await self._thread(engine.create, spec)
+                task.container_id = cid
+            return cid
+
+        async def container() -> None:
+            try:
+                cid = await create(await image_env())
+            except ImageError:
+                if conf.image not in self._image_env:
+                    raise
+                # The image went away since we last looked (the Env cache saved a round trip): look again.
+                self._image_env.pop(conf.image, None)
+                cid = await create(await image_env(fresh=True))
+            streams.append(await self._thread(engine.attach, cid, task.stdin is not None))
+            tg.start_soon(self._pump, task, streams[0], pumped)
+
+        async def make_disk() -> None:
+            if not await self._thread(self._take_spare, disk):
+                await self._thread(disk.create)
+
+        # The container only needs the disk's mount point to exist; the disk itself must be mounted
+        # there before start. So image look-up, create and attach run alongside mkfs and mount.
+        await self._thread(disk.path.mkdir, 0o755, True, True)
+        async with anyio.create_task_group() as prep:
+            prep.start_soon(container)
+            prep.start_soon(make_disk)
+            prep.start_soon(self._thread, self.storage.ensure)
+        assert task.container_id is not None
+        stream = streams[0]
+        with anyio.CancelScope(shield=True):
+            await self._thread(engine.start, task.container_id)
+            task.started = time.monotonic()
+            task.status = TaskStatus.RUNNING
+        if disk.enforced:  # the next box of this size will find its disk ready (made off its critical path)
+            self._tg_start(self._make_spare, disk.size_mb, disk.uid, disk.gid)
+        if task.stdin is not None:
+            tg.start_soon(self._thread, stream.write_stdin, task.stdin)
+        tg.start_soon(self._watch_pids, task)
+
+    async def _pump(self, task: _Task, stream: AttachedStream, pumped: anyio.Event) -> None:
+        try:
+            while True:
+                frames = await self._thread(stream.read_frames, abandon=True)
+                if frames is None:
+                    break
+                for kind, data in frames:
+                    task.feed(kind, data)
+        finally:
+            stream.close()
+            task.feed_eof()
+            pumped.set()
+
+    async def _watch_pids(self, task: _Task) -> None:
+        """Best effort: notice the pids cgroup refusing a fork (the cgroup is gone once the box stops)."""
+        cid = task.container_id
+        candidates = [Path(f"/sys/fs/cgroup/pids/docker/{cid}/pids.events"),
+                      Path(f"/sys/fs/cgroup/docker/{cid}/pids.events"),
+                      Path(f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/pids.events")]
+        path = next((p for p in candidates if p.exists()), None)
+        while path is not None and not task.pids_hit:
+            try:
+                text = path.read_text()
+            except OSError:
+                return
+            task.pids_hit = any(line.split()[:1] == ["max"] and line.split()[1] != "0"
+                                for line in text.splitlines() if len(line.split()) == 2)
+            await anyio.sleep(0.1)
+
+    async def _supervise(self, engine: Engine, task: _Task) -> tuple[int | None, bool]:
+        """Wait for the box to end, killing it at its timeout. Returns (exit code, timed out)."""
+        cid = task.container_id
+        assert cid is not None
+        timed_out = False
+        code: int | None = None
+        with anyio.move_on_after(task.limits.timeout_s):
+            code = await self._thread(engine.wait, cid, abandon=True)
+        if code is None:
+            if task.cancel_reason is None:
+                timed_out = True
+            await self._thread(engine.kill, cid, "SIGKILL")
+            code = await self._thread(engine.wait, cid)
+        task.ended = time.monotonic()
+        return code, timed_out
+
+    async def _finish(self, task: _Task, exit_code: int | None, timed_out: bool, state: dict[str, Any] | None,
+                      error: str | None) -> None:
+        lim = task.limits
+        duration = (task.ended - task.started) if (task.started and task.ended) else 0.0
+        err_tail = bytes(task.journal.err_tail[-4096:]).decode(errors="replace")
+        if task.cancel_reason is not None:
+            reason = task.cancel_reason
+            message = ("interrupted: the box got SIGINT (then SIGTERM/SIGKILL if it did not stop)"
+                       if reason is ExitReason.INTERRUPTED else "cancelled: the box was stopped by cancel()")
+            if exit_code is None:
+                message += " before it started"
+        elif error is not None:
+            reason, message = ExitReason.ERROR, error
+        elif timed_out:
+            reason = ExitReason.TIMEOUT
+            message = f"timed out: killed after its timeout of {lim.timeout_s} s (timeout={lim.timeout_s})"
+        elif state and state.get("OOMKilled"):
+            reason = ExitReason.OOM
+            message = (f"out of memory: the box hit its memory limit of {lim.memory_mb} MB and was killed "
+                       "(give it more with memory=... or a bigger size)")
+        elif exit_code not in (None, 0) and (task.pids_hit or any(s in err_tail for s in _FORK_FAILED)):
+            reason = ExitReason.PIDS
+            message = (f"process limit reached: the box may run at most {lim.pids} processes and a fork failed; "
+                       f"{describe_exit(exit_code)}")
+        else:
+            reason = ExitReason.EXITED
+            message = describe_exit(exit_code) if exit_code is not None else "the box ended without an exit code"
+        cus = await self._thread(self.ledger.settle, task.info.id, duration, reason.value)
+        console, truncated = await self._thread(task.journal.console_tail)
+        j = task.journal
+        task.result = TaskResult(
+            id=task.info.id,
+            status=TaskStatus.SUCCEEDED if reason is ExitReason.EXITED and exit_code == 0 else TaskStatus.FAILED,
+            exit_code=exit_code,
+            reason=reason,
+            message=message,
+            console_output=console,
+            stdout=bytes(j.out_tail[-RESULT_CAP:]).decode(errors="replace"),
+            stderr=bytes(j.err_tail[-RESULT_CAP:]).decode(errors="replace"),
+            result=task.result_value,
+            duration=round(duration, 3),
+            cus=round(cus, 6),
+            truncated=truncated or j.out_total > RESULT_CAP or j.err_total > RESULT_CAP,
+            console_path=str(j.path),
+        )
+        task.status = task.result.status
+        task.journal.event(Exit(reason=reason, exit_code=exit_code, message=message))
+        task.done.set()
+
+    # -- spare /data disks --------------------------------------------------------------------------
+
+    def _tg_start(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._tg is not None and not self._stop.is_set():
+            self._tg.start_soon(fn, *args)
+
+    def _take_spare(self, disk: DataDisk) -> bool:
+        """Move a ready spare disk of the same size and owner into place; False if there is none.
+
+        A box's critical path then has no mkfs and no mount in it. Renaming the directory that holds
+        the mount point carries the mount along.
+        """
+        spare = self._spares.pop((disk.size_mb, disk.uid, disk.gid), None)
+        if spare is None:
+            return False
+        for empty in (disk.path, disk.task_dir):  # the mount point made for the container's create
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+        try:
+            os.rename(spare / "disk", disk.task_dir)
+        except OSError as exc:
+            log.debug("spare disk %s not usable: %s", spare, exc)
+            _remove_owned_dir(spare)
+            disk.path.mkdir(parents=True, exist_ok=True)
+            return False
+        shutil.rmtree(spare, ignore_errors=True)
+        disk.enforced = True
+        return True
+
+    async def _make_spare(self, size_mb: int, uid: int, gid: int) -> None:
+        key = (size_mb, uid, gid)
+        if key in self._spares or key in self._spare_busy:
+            return
+        self._spare_busy.add(key)
+        try:
+            spare = self.settings.state_dir / "spare" / uuid.uuid4().hex[:12]
+
+            def make() -> bool:
+                spare.mkdir(parents=True)
+                owner = this_owner()
+                (spare / "owner.json").write_text(json.dumps({"pid": owner.pid, "start": owner.start,
+                                                              "host": owner.host}))
+                d = DataDisk(spare / "disk", size_mb, uid, gid)
+                d.create()
+                if not d.enforced:
+                    _remove_owned_dir(spare)
+                return d.enforced
+
+            with anyio.CancelScope(shield=True):
+                ok = await self._thread(make)
+            if ok:
+                if self._stop.is_set():
+                    await self._thread(_remove_owned_dir, spare)
+                    return
+                self._spares[key] = spare
+                while len(self._spares) > MAX_SPARES:  # a few sizes in use at once is plenty
+                    oldest = next(iter(self._spares))
+                    await self._thread(_remove_owned_dir, self._spares.pop(oldest))
+        except OSError as exc:
+            log.debug("no spare disk: %s", exc)
+        finally:
+            self._spare_busy.discard(key)
+
+    # -- cancelling ---------------------------------------------------------------------------------
+
+    async def cancel(self, task_id: str, *, reason: ExitReason = ExitReason.CANCELLED, grace: float = 2.0) -> None:
+        """Stop a box and return once it is gone.
+
+        INTERRUPTED: SIGINT, ``grace`` s, SIGTERM, ``grace`` s, SIGKILL. CANCELLED: SIGTERM, ``grace`` s, SIGKILL.
+        A box that already ended is left as it was.
+        """
+        if reason not in (ExitReason.CANCELLED, ExitReason.INTERRUPTED):
+            raise ConfigError.invalid("reason", reason, "ExitReason.CANCELLED or ExitReason.INTERRUPTED")
+        if grace < 0:
+            raise ConfigError.invalid("grace", grace, "seconds >= 0")
+        await self._cancel(self._task(task_id), reason, grace)
+
+    async def _cancel(self, task: _Task, reason: ExitReason, grace: float) -> None:
+        if task.done.is_set():
+            return
+        if task.cancel_reason is None:
+            task.cancel_reason = reason
+        if task.pending_scope is not None:
+            task.pending_scope.cancel()
+        engine = self._engine
+        signals = ["SIGINT", "SIGTERM"] if reason is ExitReason.INTERRUPTED else ["SIGTERM"]
+        for sig in [*signals, "SIGKILL"]:
+            # The container may still be being created: wait for it, briefly, rather than miss it.
+            with anyio.move_on_after(grace if sig != "SIGKILL" else 0):
+                while task.container_id is None and not task.done.is_set():
+                    await anyio.sleep(0.02)
+            if task.done.is_set():
+                return
+            if task.container_id is not None and engine is not None and task.status is TaskStatus.RUNNING:
+                with contextlib.suppress(HotboxError):
+                    await self._thread(engine.kill, task.container_id, sig)
+            if sig == "SIGKILL":
+                break
+            with anyio.move_on_after(grace):
+                await task.done.wait()
+            if task.done.is_set():
+                return
+        await task.done.wait()
+
+    # -- queries ------------------------------------------------------------------------------------
+
+    def _task(self, task_or_stream_id: str) -> _Task:
+        task = self._tasks.get(task_or_stream_id) or self._streams.get(task_or_stream_id)
+        if task is None:
+            raise TaskNotFoundError(f"no task or stream {task_or_stream_id!r} in this process")
+        return task
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        """The task's result once it ended; TimeoutError if that takes longer than ``timeout`` seconds."""
+        task = self._task(task_id)
+        if timeout is None:
+            await task.done.wait()
+        else:
+            try:
+                with anyio.fail_after(timeout):
+                    await task.done.wait()
+            except TimeoutError:
+                raise TimeoutError(f"task {task_id} did not end within {timeout} s") from None
+        assert task.result is not None
+        return task.result
+
+    async def next_events(self, task_or_stream_id: str, cursor: Cursor) -> tuple[list[Event], Cursor, bool]:
+        """The events after ``cursor`` (waiting for at least one); the last batch ends with Exit and True."""
+        return await self._task(task_or_stream_id).journal.next(cursor)
+
+    async def events(self, task_or_stream_id: str) -> AsyncIterator[Event]:
+        """Every event of a task from the start, then live, ending with Exit (for callers on this loop)."""
+        cursor = Cursor()
+        while True:
+            batch, cursor, done = await self.next_events(task_or_stream_id, cursor)
+            for ev in batch:
+                yield ev
+            if done:
+                return
+
+    def logs(self, task_id: str) -> str:
+        """The whole console so far (stdout and stderr interleaved as they arrived); safe from any thread."""
+        task = self._task(task_id)
+        try:
+            return task.journal.path.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def status(self, task_id: str) -> TaskStatus:
+        return self._task(task_id).status
+
+    def result(self, task_id: str) -> TaskResult | None:
+        return self._task(task_id).result
+
+    def tasks(self) -> list[TaskInfo]:
+        return [t.info for t in self._tasks.values()]
+
+    # -- leaks --------------------------------------------------------------------------------------
+
+    def reap(self) -> list[str]:
+        """Remove boxes (and their /data disks) whose owner process is dead; returns the task ids reaped.
+
+        Blocking: runs in a worker thread at start-up. Any process may reap any dead owner's boxes.
+        """
+        engine = self._engine
+        if engine is None:
+            return []
+        reaped = []
+        for c in engine.managed():
+            labels = c.get("Labels") or {}
+            if owner_alive(labels.get(LABEL_OWNER_PID), labels.get(LABEL_OWNER_START), labels.get(LABEL_OWNER_HOST)):
+                continue
+            task_id = labels.get(LABEL_TASK, "")
+            log.info("reaping box %s (task %s) of dead process %s", c["Id"][:12], task_id,
+                     labels.get(LABEL_OWNER_PID))
+            engine.remove(c["Id"])
+            state = labels.get(LABEL_STATE_DIR)
+            if state and task_id:
+                _remove_task_dir(Path(state), task_id)
+            reaped.append(task_id)
+        return reaped
+
+    def _reap_state_dirs(self) -> None:
+        """Remove task and spare directories (unmounting their disks) of dead processes."""
+        for kind in ("tasks", "spare"):
+            root = self.settings.state_dir / kind
+            if not root.is_dir():
+                continue
+            for d in root.iterdir():
+                try:
+                    owner = json.loads((d / "owner.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                if not owner_alive(owner.get("pid"), owner.get("start"), owner.get("host")):
+                    _remove_owned_dir(d)
+
+
+def _remove_owned_dir(d: Path) -> None:
+    """Unmount the disk a task or spare directory holds, then delete the directory."""
+    destroy_disk_dir(d / "disk")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove_task_dir(task_dir: Path, task_id: str) -> None:
+    # The path comes from a container label: only touch what looks like one of our task directories.
+    if task_dir.name != task_id or task_dir.parent.name != "tasks" or not (task_dir / "owner.json").is_file():
+        return
+    destroy_disk_dir(task_dir / "disk")
+    shutil.rmtree(task_dir, ignore_errors=True)
+
+
+def _as_conf(conf: Any) -> BoxConf:
+    if isinstance(conf, BoxConf):
+        return conf
+    if not isinstance(conf, dict):
+        raise ConfigError.invalid("conf", type(conf).__name__, "a BoxConf or a dict of BoxConf fields")
+    parsed: BoxConf = BoxConf.model_validate(conf)
+    return parsed
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The exception that matters inside task-group wrapping: the first HotboxError, else the first leaf."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_leaf(e) for e in exc.exceptions]
+        return next((e for e in leaves if isinstance(e, HotboxError)), leaves[0] if leaves else exc)
+    return exc
+
+
+def _uid_gid(user: str) -> tuple[int, int]:
+    uid, _, gid = user.partition(":")
+    return int(uid), int(gid or uid)
+
