@@ -319,6 +319,8 @@ class TaskResult(HotModel):
     duration: float = Field(description="Seconds the box ran")
     cus: float = Field(description="CUS billed: seconds x size multiplier")
     truncated: bool = Field(default=False, description="console_output was capped in memory")
+    console_path: str | None = Field(default=None,
+                                     description="File with the whole console (kept until the process ends)")
 
     @property
     def ok(self) -> bool:

@@ -433,14 +433,12 @@ class TaskManager:
             if cached is not None:
                 return cached
             env = await self._thread(engine.image_env, conf.image)
-            if env is None:
-                task.progress(f"pulling image {conf.image} (not present locally)")
+            if env is None:  # not present locally: pull it, telling the subscribers how it goes
 
                 def report(line: str) -> None:
                     anyio.from_thread.run_sync(task.progress, line)
 
                 await self._thread(engine.pull, conf.image, report, abandon=True)
-                task.progress(f"pulled {conf.image}")
                 env = await self._thread(engine.image_env, conf.image) or []
             self._image_env[conf.image] = env
             return env

@@ -232,20 +232,11 @@ class Engine:
         return list((info.get("Config") or {}).get("Env") or [])
 
     def pull(self, image: str, progress: Callable[[str], None]) -> None:
-        """Pull ``image``, reporting progress lines; ImageError if it cannot be had."""
-        repo, tag = _split_ref(image)
-        with translated(f"pulling image {image!r}"):
-            try:
-                for msg in self.api.pull(repo, tag=tag, stream=True, decode=True):
-                    if "error" in msg:
-                        raise ImageError(f"image {image!r} is not present locally and pulling it failed: "
-                                         f"{msg['error']}")
-                    line = _progress_line(msg)
-                    if line:
-                        progress(line)
-            except (docker.errors.NotFound, docker.errors.APIError) as exc:
-                raise ImageError(f"image {image!r} is not present locally and pulling it failed: "
-                                 f"{exc.explanation or exc}") from exc
+        """Get a missing image: pulled from its registry with coalesced progress lines, or, for the local
+        ``hotbox/*`` images, refused with the command that builds them (see :func:`images.ensure_image`)."""
+        from ..images import ensure_image
+
+        ensure_image(self.client, image, progress)
 
     def create(self, spec: BoxSpec) -> str:
         with translated(f"creating the container of task {spec.task_id}"):
@@ -301,27 +292,6 @@ class Engine:
         """Every container hotbox labelled, of any owner, running or not."""
         with translated("listing containers"):
             return list(self.api.containers(all=True, filters={"label": LABEL_MANAGED}))
-
-
-def _split_ref(image: str) -> tuple[str, str | None]:
-    if "@" in image:
-        return image, None
-    name, _, tag = image.rpartition(":")
-    if name and "/" not in tag:
-        return name, tag
-    return image, "latest"
-
-
-def _progress_line(msg: dict[str, Any]) -> str:
-    status = str(msg.get("status", ""))
-    if not status:
-        return ""
-    ident = msg.get("id")
-    detail = msg.get("progressDetail") or {}
-    text = f"{ident}: {status}" if ident else status
-    if detail.get("total"):
-        text += f" {detail.get('current', 0) * 100 // max(1, detail['total'])}%"
-    return text
 
 
 def task_labels(base: dict[str, str], task_id: str, project: str, extra: dict[str, str] | None) -> dict[str, str]:
