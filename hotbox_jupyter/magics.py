@@ -30,7 +30,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics
 from IPython.display import display as _display
 
-from .errors import BoxFailedError, ConfigError, HotboxError
+from .errors import BoxFailedError, ConfigError, EngineUnavailableError, HotboxError
 from .models import BoxConf, ExitReason, TaskInfo, TaskResult, parse_size
 from .paths import GUEST_RUNTIMES
 from .render import DEFAULT_MAX_OUTPUT, BoxValue, EventFeed, EventRenderer, OutputWidgetSink, ShellSink, format_size
@@ -454,7 +454,9 @@ class HotboxMagics(Magics):
                     renderer.feed(ev)
         except KeyboardInterrupt:
             self._interrupted(task, feed, renderer, args)
-            raise
+            # Still a KeyboardInterrupt (the kernel reports the cell as interrupted and run-all stops),
+            # shown as one line rather than a traceback through the queue the cell was waiting on.
+            raise _plain(KeyboardInterrupt(f"task {task.id} interrupted")) from None
         renderer.finish()
         result: TaskResult = engine.wait(task.id)
         self._store(args.out, result)
@@ -560,17 +562,37 @@ magics_class(HotboxMagics)
 
 
 def _engine_warning(engine: ModuleType) -> None:
-    """Log the seed's startup warning when Hot Box is enabled but no Docker engine answers."""
+    """Start the engine now, as ``hot dev`` does at startup, and log the seed's warning if Docker is not there.
+
+    Starting it here also takes the engine's start-up (connecting, reaping a crashed kernel's leftover
+    boxes) off the first cell's latency.
+    """
     try:
-        if not engine.enabled():
-            return
-        available = getattr(engine, "available", None)
-        if available is not None and not available():
-            log.warning(DOCKER_WARNING)
-    except HotboxError:
+        if engine.enabled():
+            engine.tasks()
+    except EngineUnavailableError:
         log.warning(DOCKER_WARNING)
+    except HotboxError as exc:
+        log.warning("Hot Box: %s", exc)
 
 
+def _pretty_task_info(info: TaskInfo, p: Any, cycle: bool) -> None:
+    p.text(f"TaskInfo(id={info.id!r}, stream_id={info.stream_id!r}, image={info.image!r}, size={info.size.value!r}, "
+           f"created_at={info.created_at.isoformat(timespec='seconds')!r})")
+
+
+def _pretty_task_result(res: TaskResult, p: Any, cycle: bool) -> None:
+    # The console can be megabytes: a notebook showing `result` must not print all of it.
+    value = repr(res.result)
+    if len(value) > 200:
+        value = value[:200] + "..."
+    p.text(f"TaskResult(id={res.id!r}, status={res.status.value!r}, exit_code={res.exit_code}, "
+           f"reason={res.reason.value!r}, message={res.message!r}, duration={res.duration:.2f}, cus={res.cus:g}, "
+           f"result={value}, console_output=<{len(res.console_output)} chars"
+           f"{', truncated' if res.truncated else ''}>)")
+
+
+_PRETTY: dict[type, Callable[[Any, Any, bool], None]] = {TaskInfo: _pretty_task_info, TaskResult: _pretty_task_result}
 _loaded: dict[int, HotboxMagics] = {}
 
 
@@ -579,6 +601,9 @@ def load_ipython_extension(ipython: InteractiveShell) -> None:
     magics = HotboxMagics(ipython)
     ipython.register_magics(magics)  # type: ignore[no-untyped-call]
     _loaded[id(ipython)] = magics
+    plain = ipython.display_formatter.formatters["text/plain"]  # type: ignore[union-attr]
+    for cls, printer in _PRETTY.items():
+        plain.for_type(cls, printer)
     _engine_warning(magics.engine)
 
 
@@ -588,6 +613,9 @@ def unload_ipython_extension(ipython: InteractiveShell) -> None:
     if magics is None:
         return
     magics.close()
+    plain = ipython.display_formatter.formatters["text/plain"]  # type: ignore[union-attr]
+    for cls in _PRETTY:
+        plain.type_printers.pop(cls, None)
     manager = ipython.magics_manager
     if manager is not None:
         for kind in ("line", "cell"):

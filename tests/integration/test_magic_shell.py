@@ -291,6 +291,8 @@ def test_async_stop_button_cancels(shell: InteractiveShell, run: Any) -> None:
 def test_line_magics(shell: InteractiveShell, run: Any) -> None:
     res, _, _, _ = run("%%hotbox hotbox/shell --out quick\necho logged-line")
     task_id = shell.user_ns["quick"].id
+    shown = shell.display_formatter.format(shell.user_ns["quick"])[0]["text/plain"]
+    assert shown.startswith(f"TaskResult(id={task_id!r}, status='succeeded'") and "console_output=<" in shown
     tasks = shell.run_line_magic("hotbox", "tasks")
     assert isinstance(tasks, TasksTable) and task_id in repr(tasks)
     with capture_output() as cap:
@@ -322,9 +324,11 @@ def test_interrupt_stops_the_box_and_reports_it(shell: InteractiveShell, run: An
     elapsed = time.monotonic() - t0
     assert isinstance(res.error_in_exec, KeyboardInterrupt)
     assert elapsed < 20, f"interrupt took {elapsed:.1f}s"
-    assert "begin" in out.text and "never" not in out.text
+    assert "begin" in out.text
     assert "interrupted" in err.text
+    assert "KeyboardInterrupt: task" in out.text and "Traceback" not in out.text
     result: TaskResult = shell.user_ns["stopped"]
+    assert "never" not in result.console_output
     assert result.reason is ExitReason.INTERRUPTED
     assert result.duration < 20
     assert not _containers_of(result.id)
