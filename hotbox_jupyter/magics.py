@@ -245,6 +245,17 @@ def build_request(args: argparse.Namespace, body: str, session: SessionConfig,
     return CellRequest(conf=BoxConf(**fields), stdin=stdin, lang=lang)
 
 
+def _hotbox_error(exc: BaseException) -> HotboxError | None:
+    """The HotboxError behind ``exc``, looking inside exception groups (an async core may raise one)."""
+    if isinstance(exc, HotboxError):
+        return exc
+    for inner in getattr(exc, "exceptions", None) or ():
+        found = _hotbox_error(inner)
+        if found is not None:
+            return found
+    return None
+
+
 def _plain(exc: BaseException, *lines: str) -> BaseException:
     """Let IPython show ``exc`` as the given lines instead of a traceback through the magic's internals.
 
@@ -428,8 +439,11 @@ class HotboxMagics(Magics):
             raise _plain(exc) from None
         try:
             task = self.engine.start(req.conf, stdin=req.stdin)
-        except HotboxError as exc:
-            return self._refused(exc, args)
+        except Exception as exc:
+            refusal = _hotbox_error(exc)
+            if refusal is None:
+                raise
+            return self._refused(refusal, args)
         if args.run_async:
             return self._run_async(task, args)
         return self._run_sync(task, args)
@@ -570,10 +584,12 @@ def _engine_warning(engine: ModuleType) -> None:
     try:
         if engine.enabled():
             engine.tasks()
-    except EngineUnavailableError:
-        log.warning(DOCKER_WARNING)
-    except HotboxError as exc:
-        log.warning("Hot Box: %s", exc)
+    except Exception as exc:  # loading the extension must not fail: the cells will say what is wrong
+        err = _hotbox_error(exc)
+        if isinstance(err, EngineUnavailableError):
+            log.warning(DOCKER_WARNING)
+        else:
+            log.warning("Hot Box could not start: %s", err or exc)
 
 
 def _pretty_task_info(info: TaskInfo, p: Any, cycle: bool) -> None:
