@@ -156,7 +156,7 @@ class _Journal:
 
     async def next(self, cur: Cursor) -> tuple[list[Event], Cursor, bool]:
         """Events after ``cur`` (waiting until there is one), the new cursor, and whether the end was reached."""
-        while cur.index >= len(self.entries) and not self.closed:
+        while self._caught_up(cur) and not self.closed:
             await self._changed.wait()
         out: list[Event] = []
         budget = READ_CAP
@@ -187,11 +187,25 @@ class _Journal:
             else:
                 text = self._read(begin, end)
                 budget -= end - begin
+                if idx == len(self.entries) - 1 and not self.closed:
+                    # The last text entry grows in place (text() merges adjacent writes): keep the
+                    # reader's place inside it, or what is appended to it would be skipped.
+                    off = end - start
+                    if text:
+                        out.append(StdoutChunk(text) if kind == "out" else StderrChunk(text))
+                    break
                 idx, off = idx + 1, 0
             if text:
                 out.append(StdoutChunk(text) if kind == "out" else StderrChunk(text))
         done = self.closed and idx >= len(self.entries)
         return out, Cursor(idx, off), done
+
+    def _caught_up(self, cur: Cursor) -> bool:
+        """True when nothing after ``cur`` has been journaled yet."""
+        if cur.index >= len(self.entries):
+            return True
+        last = self.entries[-1]
+        return cur.index == len(self.entries) - 1 and last[0] != "ev" and last[1] + cur.offset >= last[2]
 
     def console_tail(self, cap: int = RESULT_CAP) -> tuple[str, bool]:
         """The last ``cap`` bytes of the console, and whether that is less than all of it."""
