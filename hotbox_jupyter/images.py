@@ -72,6 +72,7 @@ __all__ = [
     "image_state",
     "image_states",
     "pull_image",
+    "recipe",
     "runtimes_hash",
 ]
 
@@ -434,6 +435,9 @@ def _build_root(r: ImageRecipe, cache: Path, use_cache: bool, progress: Progress
             proc.wait()
         partial.unlink(missing_ok=True)
         raise
+    finally:
+        if proc.stderr is not None:
+            proc.stderr.close()
     if rc != 0:
         partial.unlink(missing_ok=True)
         hint = ""
@@ -577,15 +581,16 @@ def _image_size(client: DockerClient, ref: str) -> int:
         raise _translate(ref, exc, "inspecting") from exc
 
 
-def image_state(client: DockerClient, name: str, runtimes: Path | None = None) -> ImageState:
-    """Whether ``hotbox/<name>:latest`` exists and was built from the current recipe and runtimes."""
+def image_state(client: DockerClient, name: str, runtimes: Path | None = None, ref: str | None = None) -> ImageState:
+    """Whether ``hotbox/<name>:latest`` (or ``ref``) exists and was built from the current recipe and runtimes."""
     r = recipe(name)
+    ref = ref or r.ref
     try:
-        attrs = client.api.inspect_image(r.ref)
+        attrs = client.api.inspect_image(ref)
     except ImageNotFound:
-        return ImageState(name=r.name, ref=r.ref, present=False, current=False, reason="not built")
+        return ImageState(name=r.name, ref=ref, present=False, current=False, reason="not built")
     except (DockerException, requests.RequestException) as exc:
-        raise _translate(r.ref, exc, "inspecting") from exc
+        raise _translate(ref, exc, "inspecting") from exc
     labels: dict[str, str] = (attrs.get("Config") or {}).get("Labels") or {}
     digest = runtimes_hash(runtimes)
     if LABEL_BUILDER not in labels:
@@ -598,7 +603,7 @@ def image_state(client: DockerClient, name: str, runtimes: Path | None = None) -
         reason = "runtimes/ changed since it was built"
     else:
         reason = "up to date"
-    return ImageState(name=r.name, ref=r.ref, present=True, current=reason == "up to date", reason=reason,
+    return ImageState(name=r.name, ref=ref, present=True, current=reason == "up to date", reason=reason,
                       image_id=str(attrs["Id"]), size_mb=round(int(attrs.get("Size") or 0) / _MB, 1))
 
 

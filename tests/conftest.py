@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hotbox_jupyter.owner import LABEL_MANAGED, LABEL_OWNER_PID
+from hotbox_jupyter.settings import hotbox_home as hotbox_home_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,8 +22,15 @@ def hotbox_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """
     home = tmp_path_factory.mktemp("hotbox-home")
     old = os.environ.get("HOTBOX_HOME")
+    # Without this the caches would follow HOTBOX_HOME into the temporary directory and every run
+    # would rebuild image roots and VM kernels from scratch.
+    cache_set = "HOTBOX_CACHE" in os.environ
+    if not cache_set:
+        os.environ["HOTBOX_CACHE"] = str(hotbox_home_dir() / "cache")
     os.environ["HOTBOX_HOME"] = str(home)
     yield home
+    if not cache_set:
+        os.environ.pop("HOTBOX_CACHE", None)
     if old is None:
         os.environ.pop("HOTBOX_HOME", None)
     else:
