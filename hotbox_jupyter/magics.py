@@ -484,12 +484,15 @@ class HotboxMagics(Magics):
 
     def _interrupted(self, task: TaskInfo, feed: EventFeed, renderer: EventRenderer,
                      args: argparse.Namespace) -> None:
-        """Kernel interrupt during a synchronous cell: stop the box, show its last words, say so."""
+        """Kernel interrupt during a synchronous cell: stop the box, show its last words, say so.
+
+        Users press interrupt again when the first seems slow: a further KeyboardInterrupt here only
+        shortens the wait (no grace before SIGKILL, no more draining); the box is stopped either way.
+        """
         renderer.note(f"interrupt: stopping task {task.id}")
         for attempt in range(3):
             try:
-                # SIGINT, grace, SIGTERM, grace, SIGKILL; returns when the container is gone. A second
-                # interrupt while waiting for that shortens the grace to nothing.
+                # SIGINT, grace, SIGTERM, grace, SIGKILL; returns when the container is gone.
                 self.engine.cancel(task.id, reason=ExitReason.INTERRUPTED, grace=2.0 if attempt == 0 else 0.0)
                 break
             except KeyboardInterrupt:
@@ -497,17 +500,15 @@ class HotboxMagics(Magics):
             except HotboxError as exc:
                 renderer.note(f"could not stop task {task.id}: {exc}")
                 break
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        try:
-            for batch in feed.batches(deadline=deadline):
-                for ev in batch:
-                    renderer.feed(ev)
-        except HotboxError as exc:
-            renderer.note(f"after the interrupt: {exc}")
-        renderer.finish()
         result: TaskResult | None = None
         try:
+            for batch in feed.batches(deadline=time.monotonic() + DRAIN_TIMEOUT_S):
+                for ev in batch:
+                    renderer.feed(ev)
+            renderer.finish()
             result = self.engine.wait(task.id, timeout=DRAIN_TIMEOUT_S)
+        except KeyboardInterrupt:
+            pass
         except (HotboxError, TimeoutError) as exc:
             renderer.note(f"task {task.id} did not report its end: {exc}")
         if result is not None:

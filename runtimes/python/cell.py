@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import base64
 import builtins
+import contextlib
 import json
 import linecache
 import os
@@ -49,13 +50,15 @@ _stdout = sys.stdout
 _shown_figures: set[int] = set()
 
 
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # closed or replaced by the code
+            stream.flush()
+
+
 def emit(frame: dict) -> None:
     """Write one frame after whatever text the code printed before it, so the order is kept."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    _flush_streams()
     _stdout.write(FRAME_START + json.dumps(frame, separators=(",", ":"), default=repr) + FRAME_END)
     _stdout.flush()
 
@@ -220,7 +223,11 @@ def _stub_ipython_display() -> types.ModuleType:
 
     mod.Image = Image  # type: ignore[attr-defined]
     mod.display = display  # type: ignore[attr-defined]
-    mod.display_html = lambda *objs, raw=False: display(*({"text/html": o} for o in objs)) if raw else display(*objs)  # type: ignore[attr-defined]  # noqa: E501
+
+    def display_html(*objs: object, raw: bool = False) -> None:
+        display(*({"text/html": o, "text/plain": "<HTML>"} for o in objs) if raw else objs)
+
+    mod.display_html = display_html  # type: ignore[attr-defined]
     return mod
 
 
@@ -251,6 +258,22 @@ class _IPythonStandIn:
 
 # --- running the cell -----------------------------------------------------------------------------------
 
+def _print(*args: object, sep: str | None = " ", end: str | None = "\n", file: object = None,
+           flush: bool = False) -> None:
+    """``print`` that writes its line in one piece.
+
+    The builtin writes the text and the end separately; on an unbuffered stdout (``python3 -u``, so
+    that output streams live) a line would reach the notebook as two messages.
+    """
+    stream = sys.stdout if file is None else file
+    if stream is None:
+        return
+    text = (" " if sep is None else sep).join(map(str, args)) + ("\n" if end is None else end)
+    stream.write(text)  # type: ignore[attr-defined]
+    if flush:
+        stream.flush()  # type: ignore[attr-defined]
+
+
 def _prepare_environment() -> None:
     # The root is read-only and the user is nobody (HOME=/nonexistent): libraries that write caches
     # (matplotlib's font cache, pip, ...) need a writable HOME.
@@ -262,6 +285,7 @@ def _prepare_environment() -> None:
     os.environ["MPLBACKEND"] = "module://hotbox_mpl_backend"
     sys.modules.setdefault("hotbox_cell", sys.modules[__name__])
     builtins.display = display  # type: ignore[attr-defined]
+    builtins.print = _print
     sys.meta_path.append(_IPythonStandIn())  # type: ignore[arg-type]
 
 
@@ -278,10 +302,7 @@ def _user_traceback(exc: BaseException) -> list[str]:
 def report_error(exc: BaseException) -> None:
     """Traceback on stderr for the console, and an ``error`` frame for the notebook."""
     lines = _user_traceback(exc)
-    try:
-        sys.stdout.flush()
-    except (OSError, ValueError):
-        pass
+    _flush_streams()
     sys.stderr.write("".join(lines))
     sys.stderr.flush()
     evalue = str(exc) if not isinstance(exc, SyntaxError) else (exc.msg or "")
@@ -348,16 +369,10 @@ def main() -> int:
         status = 130
     except BaseException as exc:
         report_error(exc)
-        try:
+        with contextlib.suppress(Exception):
             show_figures()
-        except Exception:
-            pass
         status = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    _flush_streams()
     return status
 
 
