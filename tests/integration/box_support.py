@@ -33,10 +33,14 @@ def client() -> Iterator[docker.DockerClient]:
 
 
 @pytest.fixture(scope="module")
-def images(client: docker.DockerClient) -> None:
+def images() -> None:
     """The local images the tests run (built from Debian packages if missing, as setup.sh does)."""
-    for ref in (SHELL, PYTHON, NODE):
-        ensure_image(client, ref, build_missing=True)
+    c = docker.from_env()
+    try:
+        for ref in (SHELL, PYTHON, NODE):
+            ensure_image(c, ref, build_missing=True)
+    finally:
+        c.close()
 
 
 @pytest.fixture
