@@ -120,18 +120,23 @@ def check_runtimes() -> Check:
 
 def check_engine() -> tuple[Check, DockerClient | None]:
     """Is a Docker engine answering, and what kind (version, cgroup, storage driver, runtimes)."""
-    import docker
     import requests
     from docker.errors import DockerException
+
+    from .images import docker_client
 
     fix = ("scripts/setup.sh installs docker.io and starts dockerd; or start it yourself (`dockerd &`, "
            "`systemctl start docker`); check DOCKER_HOST")
     try:
-        client = docker.from_env(timeout=10)
+        client = docker_client(timeout=20)
+    except HotboxError as exc:
+        return _fail("docker engine", str(exc), fix, docker_host=os.environ.get("DOCKER_HOST")), None
+    try:
         version = client.version()
         info = client.info()
     except (DockerException, requests.RequestException) as exc:
-        return _fail("docker engine", f"not reachable: {exc}", fix, docker_host=os.environ.get("DOCKER_HOST")), None
+        client.close()
+        return _fail("docker engine", f"stopped answering: {exc}", fix), None
     runtimes = sorted((info.get("Runtimes") or {}).keys())
     details = {
         "version": version.get("Version"), "api_version": version.get("ApiVersion"),
@@ -317,7 +322,11 @@ def run_checks() -> DoctorReport:
     checks += check_settings()
     engine, client = check_engine()
     checks.append(engine)
-    checks += check_images(client)
+    try:
+        checks += check_images(client)
+    finally:
+        if client is not None:
+            client.close()
     checks.append(check_builder())
     checks.append(check_runtimes())
     checks.append(check_loop())
@@ -330,8 +339,6 @@ def run_checks() -> DoctorReport:
         probes = None
     checks.append(check_kvm(probes))
     checks += check_backends(probes)
-    if client is not None:
-        client.close()
     return DoctorReport(ok=not any(c.status == "FAIL" for c in checks), checks=checks)
 
 

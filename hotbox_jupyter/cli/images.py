@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -14,19 +16,30 @@ if TYPE_CHECKING:
 
 
 def docker_client(timeout: int = 120) -> DockerClient:
-    """A docker-py client from the environment (DOCKER_HOST or the local socket).
+    """A docker-py client for the engine named by the environment (DOCKER_HOST or the local socket).
 
-    Raises EngineUnavailableError when the environment names no usable engine; an engine that does not
-    answer shows up at the first call instead.
+    A local socket is tried first with a socket of our own: docker-py negotiates the API version in its
+    constructor and leaves the socket of a refused connection open for the garbage collector.
+    Raises EngineUnavailableError when no engine answers.
     """
     import docker
+    import requests
     from docker.errors import DockerException
 
+    fix = "scripts/setup.sh installs and starts one, or set DOCKER_HOST"
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if host.startswith("unix://"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            try:
+                sock.connect(host.removeprefix("unix://"))
+            except OSError as exc:
+                raise EngineUnavailableError(f"the Docker engine is not reachable at {host} ({exc.strerror or exc}); "
+                                             + fix) from exc
     try:
         return docker.from_env(timeout=timeout)
-    except DockerException as exc:
-        raise EngineUnavailableError(f"no Docker engine configured ({exc}); scripts/setup.sh installs and starts "
-                                     "one, or set DOCKER_HOST") from exc
+    except (DockerException, requests.RequestException) as exc:
+        raise EngineUnavailableError(f"the Docker engine is not reachable ({exc}); {fix}") from exc
 
 
 def _printer(prefix: str = "") -> Any:
