@@ -33,11 +33,14 @@ pytestmark = [pytest.mark.docker]
 class Recorder(io.TextIOBase):
     """A stdout/stderr stand-in that keeps every write with the time it happened."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_write: Any = None) -> None:
         self.writes: list[tuple[float, str]] = []
+        self.on_write = on_write
 
     def write(self, s: str) -> int:
         self.writes.append((time.monotonic(), s))
+        if self.on_write is not None:
+            self.on_write(s)
         return len(s)
 
     def flush(self) -> None:
@@ -60,8 +63,8 @@ def shell() -> Iterator[InteractiveShell]:
 def run(shell: InteractiveShell) -> Any:
     """Run a cell; return (ExecutionResult, stdout Recorder, stderr Recorder, displayed outputs)."""
 
-    def _run(source: str) -> tuple[Any, Recorder, Recorder, list[Any]]:
-        out, err = Recorder(), Recorder()
+    def _run(source: str, on_stdout: Any = None) -> tuple[Any, Recorder, Recorder, list[Any]]:
+        out, err = Recorder(on_stdout), Recorder()
         with capture_output(stdout=False, stderr=False) as cap:
             old = sys.stdout, sys.stderr
             sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
@@ -314,16 +317,20 @@ def test_line_magics(shell: InteractiveShell, run: Any) -> None:
 # 7. interrupt --------------------------------------------------------------------------------------------
 
 def test_interrupt_stops_the_box_and_reports_it(shell: InteractiveShell, run: Any) -> None:
-    timer = threading.Timer(3.0, os.kill, args=(os.getpid(), signal.SIGINT))
-    timer.start()
-    t0 = time.monotonic()
-    try:
-        res, out, err, _ = run("%%hotbox hotbox/shell --out stopped\necho begin; sleep 120; echo never")
-    finally:
-        timer.cancel()
-    elapsed = time.monotonic() - t0
+    timers: list[threading.Timer] = []
+
+    def interrupt_once_started(text: str) -> None:
+        # As a user would: the box is visibly running, then Ctrl-C (SIGINT to the process).
+        if "begin" in text and not timers:
+            timers.append(threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT)))
+            timers[0].start()
+
+    res, out, err, _ = run("%%hotbox hotbox/shell --out stopped\necho begin; sleep 120; echo never",
+                           on_stdout=interrupt_once_started)
+    assert timers, "the box never printed"
+    elapsed = time.monotonic() - timers[0].interval - out.writes[0][0]
     assert isinstance(res.error_in_exec, KeyboardInterrupt)
-    assert elapsed < 20, f"interrupt took {elapsed:.1f}s"
+    assert elapsed < 15, f"stopping took {elapsed:.1f}s"
     assert "begin" in out.text
     assert "interrupted" in err.text
     assert "KeyboardInterrupt: task" in out.text and "Traceback" not in out.text
