@@ -65,8 +65,11 @@ def summarize(nb: Any) -> str:
     return "\n".join(out)
 
 
-def run_notebook(path: Path, *, kernel: str, timeout: int, save: Path | None) -> bool:
-    """Execute one notebook and print its summary; True when every cell ran without error."""
+def run_notebook(path: Path, *, kernel: str | None, timeout: int, save: Path | None) -> bool:
+    """Execute one notebook and print its summary; True when every cell ran without error.
+
+    ``kernel``: the kernel to use; None means the one the notebook names (its kernelspec), else python3.
+    """
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -74,9 +77,10 @@ def run_notebook(path: Path, *, kernel: str, timeout: int, save: Path | None) ->
     read: Any = nbformat.read
     write: Any = nbformat.write
     nb = read(path, as_version=4)
+    kernel = kernel or nb.metadata.get("kernelspec", {}).get("name") or "python3"
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel,
                             resources={"metadata": {"path": str(path.parent)}})
-    print(f"== {path}")
+    print(f"== {path} (kernel {kernel})")
     t0 = time.monotonic()
     ok = True
     try:
@@ -101,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demos; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m hotbox_jupyter.demo", description=__doc__.split("\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: notebooks/*.ipynb)")
-    parser.add_argument("--kernel", default="python3", help="kernel to run them with (default: python3)")
+    parser.add_argument("--kernel", help="kernel to run them with (default: the one each notebook names)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds a cell may take (default: 300)")
     parser.add_argument("--save", type=Path, help="write the executed notebook here (one notebook only)")
     args = parser.parse_args(argv)

@@ -302,7 +302,7 @@ def _line_parser() -> _UsageParser:
     parser = _UsageParser(prog="%hotbox", add_help=True,
                           description="Manage Hot Box from the notebook; run cells with %%hotbox.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_UsageParser)
-    cfg = sub.add_parser("config", add_help=True, help="show or set the session defaults of %%hotbox")
+    cfg = sub.add_parser("config", add_help=True, help="show or set the session defaults of %%%%hotbox cells")
     cfg.add_argument("--image", "-i", help="default image (initially hotbox/python)")
     cfg.add_argument("--size", "-s", help="default size preset (initially small)")
     cfg.add_argument("--max-output", help="console output shown per cell before the rest is hidden (e.g. 2MB)")
