@@ -342,6 +342,7 @@ class HotboxMagics(Magics):
 
     @line_magic("hotbox")
     def hotbox_line(self, line: str) -> Any:
+        """Manage Hot Box: session defaults, tasks, logs, sizes and quota."""
         try:
             args = self._line.parse_argstring(line)
         except _HelpShown:
@@ -355,7 +356,7 @@ class HotboxMagics(Magics):
         except HotboxError as exc:
             raise _plain(exc) from None
 
-    hotbox_line.__doc__ = "Manage Hot Box: session defaults, tasks, logs, sizes and quota.\n\n" + LINE_USAGE
+    hotbox_line.__doc__ = f"{hotbox_line.__doc__}\n\n{LINE_USAGE}"
 
     def _cmd_config(self, args: argparse.Namespace) -> None:
         if args.image is not None:
@@ -380,7 +381,18 @@ class HotboxMagics(Magics):
         return TasksTable(tasks, statuses)
 
     def _cmd_logs(self, args: argparse.Namespace) -> None:
-        ShellSink().stdout(self.engine.logs(args.task_id))
+        text: str = self.engine.logs(args.task_id)
+        cap = self.session.max_output
+        sink = ShellSink()
+        if len(text) <= cap:
+            sink.stdout(text)
+            return
+        # The same cap as a cell's output, for the same reason; of a long console the end matters most.
+        result = self.engine.result(args.task_id) if hasattr(self.engine, "result") else None
+        where = getattr(result, "console_path", None)
+        sink.stderr(f"[hotbox] the console of {args.task_id} is {format_size(len(text))}: showing its last "
+                    f"{format_size(cap)}" + (f"; all of it is in {where}" if where else "") + "\n")
+        sink.stdout(text[-cap:])
 
     def _cmd_cancel(self, args: argparse.Namespace) -> None:
         self.engine.cancel(args.task_id)

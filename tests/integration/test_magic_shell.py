@@ -178,16 +178,21 @@ def test_flood_is_capped_and_the_full_console_kept(shell: InteractiveShell, run:
             "print('THE END')\n"
         )
         elapsed = time.monotonic() - t0
+        result: TaskResult = shell.user_ns["flood"]
+        _, logs_out, logs_err, _ = run(f"%hotbox logs {result.id}")
     finally:
         shell.run_line_magic("hotbox", "config --max-output 2MB")
     assert res.success, err.text
     assert out.text.count("y") <= 256 * 1024
     assert "output capped at 256.0 KB" in err.text
     assert "of output hidden" in err.text and "%hotbox logs" in err.text
-    result: TaskResult = shell.user_ns["flood"]
     assert result.ok
     assert len(result.console_output) > 1024 * 1024 or result.truncated
-    assert "THE END" in box.logs(result.id)
+    full = box.logs(result.id)
+    assert len(full) > 60 * 1024 * 1024 and full.endswith("THE END\n")
+    # %hotbox logs of a flood: the end of it, capped like a cell, and where the whole console is.
+    assert logs_out.text.endswith("THE END\n") and len(logs_out.text) == 256 * 1024
+    assert "showing its last 256.0 KB" in logs_err.text
     assert elapsed < 120
 
 
