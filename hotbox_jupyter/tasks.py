@@ -299,7 +299,8 @@ class TaskManager:
         """Connect to the engine, reap leftovers of dead processes, then run boxes until :meth:`close`."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            await self._connect(warn=True)
+            with contextlib.suppress(EngineUnavailableError):  # warned; start() will say how to fix it
+                await self._connect(warn=True)
             if self._engine is not None:
                 try:
                     await self._thread(self.reap)

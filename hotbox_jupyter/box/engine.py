@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.utils
 import requests.exceptions
 
 from ..errors import EngineUnavailableError, HotboxError, ImageError
@@ -47,6 +49,7 @@ HOT_MOUNT = "/hot"
 DATA_MOUNT = "/data"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 FIX_ENGINE = ("start the Docker engine: run `scripts/setup.sh` as root (installs and starts dockerd), "
               "or `sudo systemctl start docker`, or start Docker Desktop; DOCKER_HOST must point at it")
 
@@ -209,6 +212,7 @@ class Engine:
 
     def __init__(self) -> None:
         with translated("connecting to the Docker engine"):
+            _probe(docker.utils.kwargs_from_env().get("base_url") or DEFAULT_DOCKER_HOST)
             # DOCKER_HOST & co. are honoured; the version is negotiated once, here.
             self.client = docker.from_env(timeout=120)
             self.api: docker.APIClient = self.client.api
@@ -292,6 +296,29 @@ class Engine:
         """Every container hotbox labelled, of any owner, running or not."""
         with translated("listing containers"):
             return list(self.api.containers(all=True, filters={"label": LABEL_MANAGED}))
+
+
+def _probe(base_url: str) -> None:
+    """Knock on the engine's socket before docker-py does.
+
+    docker-py leaks the socket of a failed connect (it lives on in the exception's frames), and
+    "nothing listens there" deserves a plain message anyway. Only unix and tcp addresses are probed.
+    """
+    url = urllib.parse.urlparse(base_url)
+    if url.scheme in ("unix", "http+unix") or base_url.startswith("/"):
+        path = url.path if url.scheme else base_url
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            try:
+                s.connect(path)
+            except OSError as exc:
+                raise ConnectionError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+    elif url.scheme in ("tcp", "http", "https") and url.hostname:
+        try:
+            with socket.create_connection((url.hostname, url.port or 2375), timeout=5):
+                pass
+        except OSError as exc:
+            raise ConnectionError(f"cannot connect to {url.hostname}:{url.port}: {exc.strerror or exc}") from None
 
 
 def task_labels(base: dict[str, str], task_id: str, project: str, extra: dict[str, str] | None) -> dict[str, str]:
