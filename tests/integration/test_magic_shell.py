@@ -343,6 +343,7 @@ def test_interrupt_stops_the_box_and_reports_it(shell: InteractiveShell, run: An
     assert "never" not in result.console_output
     assert result.reason is ExitReason.INTERRUPTED
     assert result.duration < 20
+    assert result.cus <= result.duration * 1.0 + 0.01  # small: 1 CUS a second, for the seconds it ran
     assert not _containers_of(result.id)
 
 
