@@ -104,16 +104,21 @@ class OutputWidgetSink:
     """Output into an ``ipywidgets.Output`` (its ``outputs`` trait), from any thread.
 
     Assigning ``outputs`` sends the whole list to the front end, so consecutive text of one stream is
-    merged into one entry and updates are sent at most every ``interval`` seconds; :meth:`flush` sends
-    what is pending (the feeder calls it when the box goes quiet).
+    merged into one entry and updates are sent at most every ``interval`` seconds, or every
+    ``slow_interval`` once the area holds ``slow_after`` characters (each update resends all of it);
+    :meth:`flush` sends what is pending (the feeder calls it when the box goes quiet).
     """
 
-    def __init__(self, output: Any, *, interval: float = 0.1) -> None:
+    def __init__(self, output: Any, *, interval: float = 0.1, slow_interval: float = 0.5,
+                 slow_after: int = 64 * 1024) -> None:
         self._output = output
         self._interval = interval
+        self._slow_interval = slow_interval
+        self._slow_after = slow_after
         self._lock = threading.Lock()
         self._pending: list[dict[str, Any]] = []
         self._last_push = 0.0
+        self._chars = 0
 
     def stdout(self, text: str) -> None:
         """Queue stdout text; sent with the next push."""
@@ -149,7 +154,9 @@ class OutputWidgetSink:
     def _stream(self, name: str, text: str) -> None:
         with self._lock:
             self._pending.append({"output_type": "stream", "name": name, "text": text})
-            due = time.monotonic() - self._last_push >= self._interval
+            self._chars += len(text)
+            interval = self._interval if self._chars < self._slow_after else self._slow_interval
+            due = time.monotonic() - self._last_push >= interval
         if due:
             self.flush()
 

@@ -251,3 +251,16 @@ def test_widget_sink_throttles_updates() -> None:
     assert 1 <= len(pushes) <= 3
     assert out.outputs[-1]["text"] == "x" * 200
     out.close()
+
+
+def test_widget_sink_slows_down_once_the_area_is_large() -> None:
+    out = ipywidgets.Output()
+    pushes = []
+    out.observe(lambda change: pushes.append(change), names="outputs")
+    sink = OutputWidgetSink(out, interval=0.0, slow_interval=3600, slow_after=100)
+    for _ in range(50):
+        sink.stdout("x" * 10)  # each write goes out at once until the area reaches 100 characters
+    assert len(pushes) == 9
+    sink.flush()
+    assert out.outputs[-1]["text"] == "x" * 500
+    out.close()
