@@ -1,0 +1,786 @@
+"""QEMU ``-M microvm`` backend: the one that boots real VMs on any Linux host, with KVM or without.
+
+How a run goes (numbers are TCG on the 2-core build machine):
+
+1. The guest kernel (Debian cloud, PVH vmlinux) and the base initramfs come from the cache
+   (:mod:`.guestkernel`); the image's root filesystem is a cached ext4 image (:mod:`.rootfs`),
+   attached read-write through ``snapshot=on`` so the guest's writes land in a throw-away overlay.
+2. A run directory under ``<state>/vms/`` gets the run's own initramfs part (``run.conf`` and the
+   runtimes), the virtio-serial socket, logs and a state file for reaping (:mod:`.vmstate`).
+3. ``qemu-system-x86_64`` starts through ``setpriv --pdeathsig KILL`` (it dies with us) with
+   ``hotbox-owner=<pid>`` on its kernel command line; shared directories get one ``virtiofsd`` each.
+4. The guest's init reports on the ``hotbox.out`` port (see :mod:`.guestproto`): ``ready`` about
+   2 s after start, the command's output, its exit code, an OOM, /hotcell/result.json.
+5. The command's timeout starts at ``ready``; past it QEMU is killed. Boot has its own deadline.
+
+Acceleration: KVM is used only when a probe guest really boots under ``-accel kvm`` (a ``/dev/kvm``
+that exists but cannot run a stock kernel, like the nested kvm-pvm of the build machines, is
+reported with QEMU's own error); otherwise TCG with ``-cpu max`` (RDRAND seeds the guest's entropy at
+once; the default CPU makes Python wait a second) and ``tsc_early_khz`` (without it about one boot
+in twenty hangs calibrating the TSC). The probe result is cached per host boot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import Process, SocketStream
+
+from ..errors import HotcellError, VmBootError, VmmUnavailableError
+from ..events import Event, Exit, Progress, ResultValue, StdoutChunk
+from ..models import ExitReason
+from ..settings import Settings, load_settings
+from .backend import Accel, BackendProbe, RootfsHandle, RunInfo, VmmBackend
+from .config import VmConfig
+from .guestkernel import (
+    BASE_MODULES,
+    NET_MODULES,
+    PROBE_MARKER,
+    SHARE_MODULES,
+    GuestKernel,
+    build_initramfs,
+    ensure_kernel,
+    probe_initramfs,
+    run_archive,
+)
+from .guestproto import GuestStream, new_nonce, run_conf
+from .session import AgentChannel, AgentGone, AgentSession
+from .vmstate import RunDir, pdeathsig_prefix, reap_orphans
+
+__all__ = ["QemuBackend", "QemuSession", "kernel_cmdline", "kvm_probe", "qemu_argv"]
+
+log = logging.getLogger(__name__)
+
+AGENT_COMMAND = ["python3", "-u", "/opt/hotbox/python/agent.py"]
+VIRTIOFSD_CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+_SOCKET_PATH_MAX = 107
+
+
+def find_qemu() -> str:
+    """The qemu-system-x86_64 binary (HOTBOX_QEMU overrides); VmmUnavailableError says how to get one."""
+    exe = os.environ.get("HOTBOX_QEMU") or shutil.which("qemu-system-x86_64")
+    if not exe or not os.access(exe, os.X_OK):
+        raise VmmUnavailableError("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86; "
+                                  "scripts/setup.sh does it)")
+    return exe
+
+
+def find_virtiofsd() -> str:
+    exe = os.environ.get("HOTBOX_VIRTIOFSD") or shutil.which("virtiofsd")
+    for c in (exe, *VIRTIOFSD_CANDIDATES):
+        if c and os.access(c, os.X_OK):
+            return c
+    raise VmmUnavailableError("shared directories need virtiofsd (Debian: qemu-system-common or virtiofsd)")
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC in kHz from /proc/cpuinfo: TCG passes it through, so the guest need not calibrate."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kernel_cmdline(accel: Accel, owner_token: str) -> str:
+    """The guest kernel's command line. Kernel messages go to ttyS0, which the host keeps as a boot log
+    apart from the command's output; only panics are printed there (loglevel=1)."""
+    parts = ["console=ttyS0", "quiet", "loglevel=1", "panic=-1", "pci=off", "rdinit=/init",
+             "random.trust_cpu=on"]
+    if accel == "tcg":
+        khz = host_tsc_khz()
+        if khz:
+            parts.append(f"tsc_early_khz={khz}")
+    parts.append(owner_token)
+    return " ".join(parts)
+
+
+def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: Path, initrd: Path,
+              append: str, rootfs: Path, out_sock: Path, klog: Path, agent_sock: Path | None = None,
+              shares: list[tuple[str, Path]] | None = None, net: bool = False, name: str = "hotbox") -> list[str]:
+    """The QEMU command line of one microVM (pure: unit-tested)."""
+    machine = "microvm"
+    argv = [qemu, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+            "-smp", str(vcpus), "-m", f"{memory_mib}M"]
+    if shares:
+        # vhost-user devices need the guest RAM shared with virtiofsd.
+        machine += ",memory-backend=mem"
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on"]
+    # libvhost-user refuses legacy virtio-mmio devices, microvm's default.
+    argv += ["-M", machine, "-global", "virtio-mmio.force-legacy=false",
+             "-kernel", str(vmlinux), "-initrd", str(initrd), "-append", append,
+             "-chardev", f"file,id=klog,path={klog}", "-serial", "chardev:klog",
+             "-drive", f"id=root,file={rootfs},format=raw,if=none,snapshot=on,cache=unsafe",
+             "-device", "virtio-blk-device,drive=root",
+             "-device", "virtio-serial-device",
+             "-chardev", f"socket,id=out,path={out_sock}", "-device", "virtserialport,chardev=out,name=hotbox.out"]
+    if agent_sock is not None:
+        argv += ["-chardev", f"socket,id=agent,path={agent_sock}",
+                 "-device", "virtserialport,chardev=agent,name=hotbox.agent"]
+    for i, (tag, sock) in enumerate(shares or []):
+        argv += ["-chardev", f"socket,id=vfs{i},path={sock}", "-device", f"vhost-user-fs-device,chardev=vfs{i},tag={tag}"]
+    if net:
+        argv += ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"]
+    return argv
+
+
+# --- KVM probe -------------------------------------------------------------------------------------------
+
+_KVM_GET_API_VERSION = 0xAE00
+
+
+def _kvm_device_check() -> str | None:
+    """None when /dev/kvm opens and speaks API 12, else why not."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist (no KVM on this host, or not passed into this container)"
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"/dev/kvm cannot be opened: {exc.strerror} (join the kvm group?)"
+    try:
+        version = fcntl.ioctl(fd, _KVM_GET_API_VERSION)
+    except OSError as exc:
+        return f"/dev/kvm does not answer KVM_GET_API_VERSION: {exc.strerror}"
+    finally:
+        os.close(fd)
+    if version != 12:
+        return f"/dev/kvm speaks KVM API {version}, not 12"
+    return None
+
+
+def _kvm_flavour() -> str:
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        return " (/dev/kvm is served by kvm-pvm, nested PVM: it cannot run a stock guest kernel)"
+    return ""
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _qemu_version(qemu: str) -> str:
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def kvm_probe(qemu: str, kernel: GuestKernel, cache: Path, *, deadline: float = 20.0,
+              refresh: bool = False) -> tuple[bool, str]:
+    """Whether the guest kernel really boots under ``-accel kvm``: (works, what was seen).
+
+    Boots a probe initramfs that prints a marker and powers off. Cached per host boot, QEMU version
+    and kernel, since KVM does not come or go without one of those changing. Blocking.
+    """
+    key = f"{_boot_id()}|{_qemu_version(qemu)}|{kernel.version}"
+    path = cache / "kvm-probe.json"
+    if not refresh:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return bool(cached["ok"]), str(cached["reason"])
+        except (OSError, ValueError, KeyError):
+            pass
+    problem = _kvm_device_check()
+    if problem is not None:
+        ok, reason = False, problem
+    else:
+        ok, reason = _kvm_boot(qemu, kernel, cache, deadline)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "ok": ok, "reason": reason, "when": time.time()}))
+    tmp.rename(path)
+    return ok, reason
+
+
+def _kvm_boot(qemu: str, kernel: GuestKernel, cache: Path, deadline: float) -> tuple[bool, str]:
+    from ..owner import this_owner
+
+    initrd = probe_initramfs(cache)
+    argv = [*pdeathsig_prefix(), qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", "1",
+            "-m", "128M", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(kernel.vmlinux), "-initrd", str(initrd),
+            "-append", f"console=ttyS0 quiet panic=-1 hotbox-owner={this_owner().pid} hotbox-kvm-probe",
+            "-serial", "stdio"]
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=deadline, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        seen = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        detail = f": {seen[0]}" if seen else ""
+        return False, f"a guest under -accel kvm did not boot within {deadline:g} s{detail}{_kvm_flavour()}"
+    except OSError as exc:
+        return False, f"cannot start {qemu}: {exc}"
+    took = time.monotonic() - t0
+    if PROBE_MARKER.encode() in proc.stdout:
+        return True, f"a guest booted under -accel kvm in {took:.2f} s"
+    err = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+    first = err[0] if err else f"QEMU exited with {proc.returncode}"
+    first = re.sub(r"^\S*qemu-system-\S+:\s*(error:\s*)?", "", first).strip()
+    return False, f"QEMU -accel kvm failed: {first}{_kvm_flavour()}"
+
+
+# --- one VM ---------------------------------------------------------------------------------------------
+
+class _Vm:
+    """The processes, sockets and files of one running microVM."""
+
+    def __init__(self, backend: QemuBackend, config: VmConfig, handle: RootfsHandle, *, agent: bool) -> None:
+        self.backend = backend
+        self.config = config
+        self.handle = handle
+        self.agent = agent
+        self.nonce = new_nonce()
+        self.rundir: RunDir | None = None
+        self.qemu: Process | None = None
+        self.helpers: list[Process] = []
+        self.out: SocketStream | None = None
+        self.agent_stream: SocketStream | None = None
+        self._listeners: list[Any] = []
+        self._log_files: list[Any] = []
+        self.accel: Accel = "tcg"
+        self.started = 0.0
+
+    def _sock_dir(self) -> Path:
+        assert self.rundir is not None
+        d = self.rundir.path
+        if len(str(d)) + 40 > _SOCKET_PATH_MAX:
+            raise VmBootError(f"the state directory {d} is too long for unix sockets ({_SOCKET_PATH_MAX} "
+                              "bytes); set HOTBOX_HOME to a shorter path")
+        return d
+
+    def _initrd(self, base: Path, command: list[str], env: dict[str, str], shares: list[tuple[str, str, bool]],
+                modules: list[str]) -> Path:
+        from ..paths import runtimes_dir
+
+        assert self.rundir is not None
+        conf = run_conf(nonce=self.nonce, modules=modules, command=command, env=env,
+                        workdir=self.config.workdir, net=self.config.tsi.value == "internet", shares=shares)
+        extra = run_archive({"hotbox/run.conf": conf.encode()}, {"hotbox/runtimes": runtimes_dir()})
+        path = self.rundir.path / "initrd.cpio"
+        with open(path, "wb") as f, open(base, "rb") as b:
+            shutil.copyfileobj(b, f, 1 << 20)
+            f.write(extra)
+        return path
+
+    async def start(self, info: RunInfo) -> None:
+        kernel, base, accel = await self.backend._ensure()
+        self.accel = accel
+        info.accel = accel
+        settings = self.backend.settings
+        self.rundir = RunDir.create(settings.state_dir, "qemu")
+        try:
+            await self._start(kernel, base)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.close(graceful=False)
+            raise
+        info.started = self.started
+
+    async def _start(self, kernel: GuestKernel, base: Path) -> None:
+        assert self.rundir is not None
+        cfg = self.config
+        d = self._sock_dir()
+        token = self.rundir.owner_token
+        modules = list(BASE_MODULES)
+        if cfg.shared_dirs:
+            modules += SHARE_MODULES
+        if cfg.tsi.value == "internet":
+            modules += NET_MODULES
+        order = kernel.load_order(modules)
+        env = cfg.env_dict()
+        command = list(cfg.command)
+        if self.agent:
+            env["AGENT_PORT"] = "virtio:hotbox.agent"
+            command = list(AGENT_COMMAND)
+        shares = [(f"share{i}", s.guest_path, s.read_only) for i, s in enumerate(cfg.shared_dirs)]
+        initrd = await anyio.to_thread.run_sync(self._initrd, base, command, env, shares, order)
+
+        out_sock = d / "out.sock"
+        self._listeners.append(await anyio.create_unix_listener(out_sock))
+        agent_sock = None
+        if self.agent:
+            agent_sock = d / "agent.sock"
+            self._listeners.append(await anyio.create_unix_listener(agent_sock))
+
+        share_socks: list[tuple[str, Path]] = []
+        for i, s in enumerate(cfg.shared_dirs):
+            sock = d / f"{token}.vfs{i}.sock"
+            await self._start_virtiofsd(s.host_path, sock, s.read_only, i)
+            share_socks.append((f"share{i}", sock))
+
+        argv = qemu_argv(
+            qemu=self.backend.qemu, accel=self.accel, vcpus=cfg.vcpus, memory_mib=cfg.memory_mib,
+            vmlinux=kernel.vmlinux, initrd=initrd, append=kernel_cmdline(self.accel, token),
+            rootfs=self.handle.path, out_sock=out_sock, klog=d / "console.log", agent_sock=agent_sock,
+            shares=share_socks, net=cfg.tsi.value == "internet", name=f"hotbox-{self.rundir.vm_id}")
+        qlog = open(d / "qemu.log", "wb")  # noqa: SIM115 - closed in close()
+        self._log_files.append(qlog)
+        env_q = {**os.environ, "TMPDIR": str(d)}  # snapshot=on puts its overlay in TMPDIR: ours is reaped
+        self.started = time.monotonic()
+        self.qemu = await anyio.open_process([*pdeathsig_prefix(), *argv], stdin=subprocess.DEVNULL,
+                                             stdout=qlog, stderr=qlog, env=env_q, start_new_session=True)
+        self.rundir.add_proc(self.qemu.pid, "qemu")
+        self.out = await self._accept(self._listeners[0], "hotbox.out")
+        if self.agent:
+            self.agent_stream = await self._accept(self._listeners[1], "hotbox.agent")
+
+    async def _start_virtiofsd(self, src: Path, sock: Path, read_only: bool, i: int) -> None:
+        assert self.rundir is not None
+        if os.geteuid() != 0:
+            raise VmmUnavailableError("shared directories need virtiofsd, which must run as root here")
+        virtiofsd = find_virtiofsd()
+        # A private mount namespace with the source bind-mounted (read-only when asked) enforces
+        # read_only on the host side: the guest's own mount options are the guest's to change.
+        script = ('mount --bind "$1" "$1" && mount -o "remount,bind,nosuid,nodev$4" "$1" && '
+                  'exec "$2" --socket-path="$3" -o source="$1" -o cache=auto -o sandbox=chroot '
+                  '-o log_level=err')
+        argv = [*pdeathsig_prefix(), "unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                "hotbox-virtiofsd", str(src), virtiofsd, str(sock), ",ro" if read_only else ""]
+        vlog = open(self.rundir.path / f"virtiofsd{i}.log", "wb")  # noqa: SIM115 - closed in close()
+        self._log_files.append(vlog)
+        proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, stdout=vlog, stderr=vlog,
+                                        start_new_session=True)
+        self.helpers.append(proc)
+        self.rundir.add_proc(proc.pid, "virtiofsd")
+        with anyio.move_on_after(10):
+            while not sock.exists():
+                if proc.returncode is not None:
+                    break
+                await anyio.sleep(0.01)
+        if not sock.exists():
+            raise VmBootError(f"virtiofsd for {src} did not start: {self._tail(f'virtiofsd{i}.log')}")
+
+    async def _accept(self, listener: Any, what: str) -> SocketStream:
+        assert self.qemu is not None
+        with anyio.move_on_after(30):
+            while True:
+                with anyio.move_on_after(0.05):
+                    stream: SocketStream = await listener.accept()
+                    return stream
+                if self.qemu.returncode is not None:
+                    raise VmBootError(f"QEMU exited ({self.qemu.returncode}) before connecting {what}: "
+                                      f"{self._tail('qemu.log')}")
+        raise VmBootError(f"QEMU did not connect {what} within 30 s: {self._tail('qemu.log')}")
+
+    def _tail(self, name: str, n: int = 800) -> str:
+        if self.rundir is None:
+            return ""
+        try:
+            text = (self.rundir.path / name).read_bytes()[-n:].decode(errors="replace").strip()
+        except OSError:
+            return "(no log)"
+        return text or "(empty log)"
+
+    def diagnostics(self) -> str:
+        """The tails of QEMU's log and the guest's kernel console, for error messages."""
+        return f"QEMU: {self._tail('qemu.log')}; guest console: {self._tail('console.log')}"
+
+    async def close(self, *, graceful: bool = True) -> None:
+        """Stop every process of the VM and remove its run directory. Never raises."""
+        with anyio.CancelScope(shield=True):
+            if self.qemu is not None and self.qemu.returncode is None:
+                if graceful:
+                    with anyio.move_on_after(3):
+                        await self.qemu.wait()
+                if self.qemu.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.qemu.kill()
+                    await self.qemu.wait()
+            for proc in self.helpers:
+                # virtiofsd exits when QEMU hangs up; give it a moment, then make sure.
+                if proc.returncode is None:
+                    with anyio.move_on_after(2):
+                        await proc.wait()
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+            for s in (self.out, self.agent_stream, *self._listeners):
+                if s is not None:
+                    with contextlib.suppress(Exception):
+                        await s.aclose()
+            for f in self._log_files:
+                with contextlib.suppress(OSError):
+                    f.close()
+            for proc in (self.qemu, *self.helpers):
+                if proc is not None:
+                    with contextlib.suppress(Exception):
+                        await proc.aclose()
+            if self.rundir is not None:
+                self.rundir.remove()
+
+    async def kill(self) -> None:
+        if self.qemu is not None and self.qemu.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.kill()
+
+
+def _decode_result(raw: bytes) -> tuple[Any, str]:
+    try:
+        return json.loads(raw), ""
+    except ValueError as exc:
+        return None, f"/hotcell/result.json is not JSON ({exc}); it was ignored"
+
+
+class _Outcome:
+    """What init reported about the command."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.exit_code: int | None = None
+        self.oom = False
+        self.result: Any = None
+        self.has_result = False
+        self.result_note = ""
+        self.error: str | None = None
+        self.end = False
+
+    def apply(self, text: str) -> None:
+        word, _, rest = text.partition(" ")
+        if word == "ready":
+            self.ready = True
+        elif word == "exit":
+            with contextlib.suppress(ValueError):
+                self.exit_code = int(rest)
+        elif word == "oom":
+            self.oom = True
+        elif word == "error":
+            self.error = rest
+        elif word == "end":
+            self.end = True
+
+
+def _exit_event(o: _Outcome, config: VmConfig) -> Exit:
+    code = o.exit_code if o.exit_code is not None else -1
+    if o.oom and code != 0:
+        return Exit(reason=ExitReason.OOM, exit_code=code,
+                    message=f"the guest ran out of memory (memory_mib={config.memory_mib}); the kernel's OOM "
+                            f"killer ended the command (exit code {code})")
+    note = f"; {o.result_note}" if o.result_note else ""
+    return Exit(reason=ExitReason.EXITED, exit_code=code, message=f"exited with code {code}{note}")
+
+
+class QemuSession(AgentSession):
+    """A session whose agent runs in a QEMU microVM."""
+
+    def __init__(self, vm: _Vm, channel: AgentChannel, default_timeout: float | None) -> None:
+        super().__init__(channel, backend=QemuBackend.name, accel=vm.accel, default_timeout=default_timeout)
+        self._vm = vm
+        self._stream = GuestStream(vm.nonce)
+        self._outcome = _Outcome()
+        self._console = bytearray()
+        self._stopped = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and not self._dead and self._vm.qemu is not None and self._vm.qemu.returncode is None
+
+    @property
+    def console(self) -> str:
+        """What the agent process itself wrote outside cells (its crash message, if any)."""
+        return self._console.decode(errors="replace")
+
+    async def _pump_out(self, wait: float) -> bool:
+        """Read what init sent on hotbox.out within ``wait`` s; False at end of stream."""
+        assert self._vm.out is not None
+        with anyio.move_on_after(wait):
+            try:
+                data = await self._vm.out.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return False
+            for m in self._stream.feed(data):
+                if m.kind == "ctl":
+                    self._outcome.apply(m.text)
+                elif m.kind == "data":
+                    self._console += m.data[-65536:]
+        return True
+
+    async def wait_guest_ready(self, deadline: float) -> None:
+        """Until init says the agent was started; VmBootError if the guest fails or is too slow."""
+        while not self._outcome.ready:
+            if self._outcome.error:
+                raise VmBootError(f"the guest's init failed: {self._outcome.error}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VmBootError(f"the VM did not boot within the deadline; {self._vm.diagnostics()}")
+            if not await self._pump_out(min(remaining, 1.0)):
+                raise VmBootError(f"the VM stopped while booting; {self._vm.diagnostics()}")
+
+    async def wait_agent(self, timeout: float) -> None:
+        """Until the agent says ready, watching init for the agent's early death."""
+        async def watch_init() -> None:
+            while self._outcome.exit_code is None:
+                if not await self._pump_out(1.0):
+                    break
+            raise VmBootError(f"the session agent exited ({self._outcome.exit_code}) before it was ready: "
+                              f"{self.console.strip()[-800:] or '(no output)'}")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_init)
+            try:
+                await self.wait_ready(timeout)
+            except TimeoutError:
+                raise VmBootError(f"the session agent did not answer within {timeout:g} s; "
+                                  f"{self._vm.diagnostics()}") from None
+            except AgentGone as exc:
+                raise VmBootError(f"the session agent's channel closed: {exc}; {self._vm.diagnostics()}") from exc
+            tg.cancel_scope.cancel()
+
+    async def _dead_reason(self) -> tuple[ExitReason, str] | None:
+        qemu = self._vm.qemu
+        await self._pump_out(0.01)
+        if self._outcome.exit_code is not None:
+            code = self._outcome.exit_code
+            if self._outcome.oom:
+                return ExitReason.OOM, (f"the guest ran out of memory (memory_mib={self._vm.config.memory_mib}): "
+                                        f"the OOM killer ended the session agent")
+            return ExitReason.ERROR, f"the session agent exited with code {code}: {self.console.strip()[-500:]}"
+        if qemu is None or qemu.returncode is not None:
+            return ExitReason.ERROR, f"the VM stopped; {self._vm.diagnostics()}"
+        return None
+
+    async def _kill(self) -> None:
+        await self._vm.kill()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        with anyio.CancelScope(shield=True):
+            graceful = False
+            if self._vm.qemu is not None and self._vm.qemu.returncode is None:
+                try:
+                    with anyio.move_on_after(5):
+                        await self.channel.send({"op": "shutdown"})
+                        while not self._outcome.end:
+                            if not await self._pump_out(1.0):
+                                break
+                        if self._outcome.end and self._vm.out is not None:
+                            await self._vm.out.send(b"bye\n")
+                            graceful = True
+                except (AgentGone, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass
+            await self._vm.close(graceful=graceful)
+
+
+class QemuBackend(VmmBackend):
+    """VMs with ``qemu-system-x86_64 -M microvm``: KVM when it really works, TCG otherwise."""
+
+    name = "qemu"
+    #: Boot deadlines (VMM start to the command's start), overridable with HOTBOX_VM_BOOT_TIMEOUT.
+    BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
+    AGENT_TIMEOUT = 60.0
+
+    def __init__(self, *, accel: Accel | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.qemu = find_qemu()
+        forced = accel or os.environ.get("HOTBOX_VM_ACCEL") or None
+        if forced not in (None, "kvm", "tcg"):
+            from ..errors import ConfigError
+
+            raise ConfigError.invalid("accel", forced, "'kvm', 'tcg' or unset (probe)")
+        self._forced: Accel | None = forced  # type: ignore[assignment]
+        self._ready: tuple[GuestKernel, Path, Accel] | None = None
+        self._lock = anyio.Lock()
+        reaped = reap_orphans(self.settings.state_dir)
+        if reaped:
+            log.info("reaped %d VM run director%s of dead processes", len(reaped), "y" if len(reaped) == 1 else "ies")
+
+    @property
+    def cache(self) -> Path:
+        return self.settings.cache_dir / "vm"
+
+    @classmethod
+    def probe(cls) -> BackendProbe:
+        try:
+            qemu = find_qemu()
+            kernel = ensure_kernel()
+            ok, why = kvm_probe(qemu, kernel, load_settings().cache_dir / "vm")
+        except HotcellError as exc:
+            return BackendProbe(name=cls.name, available=False, reason=str(exc))
+        if ok:
+            return BackendProbe(name=cls.name, available=True, accel="kvm",
+                                reason=f"{_qemu_version(qemu)}; guest kernel {kernel.version}; {why}")
+        return BackendProbe(name=cls.name, available=True, accel="tcg",
+                            reason=f"{_qemu_version(qemu)}; guest kernel {kernel.version}; KVM unusable, guests "
+                                   f"run under TCG (emulation, several times slower): {why}")
+
+    def _prepare_blocking(self) -> tuple[GuestKernel, Path, Accel]:
+        kernel = ensure_kernel(self.cache)
+        base = build_initramfs(kernel, self.cache)
+        accel: Accel
+        if self._forced == "kvm":
+            problem = _kvm_device_check()
+            if problem:
+                raise VmmUnavailableError(f"accel=kvm was asked for, but {problem}")
+            accel = "kvm"
+        elif self._forced == "tcg":
+            accel = "tcg"
+        else:
+            ok, why = kvm_probe(self.qemu, kernel, self.cache)
+            accel = "kvm" if ok else "tcg"
+            log.info("qemu: %s (%s)", accel, why)
+        return kernel, base, accel
+
+    async def _ensure(self) -> tuple[GuestKernel, Path, Accel]:
+        async with self._lock:
+            if self._ready is None:
+                self._ready = await anyio.to_thread.run_sync(self._prepare_blocking)
+            return self._ready
+
+    @property
+    def boot_timeout(self) -> float:
+        env = os.environ.get("HOTBOX_VM_BOOT_TIMEOUT")
+        if env:
+            with contextlib.suppress(ValueError):
+                return float(env)
+        accel = self._ready[2] if self._ready else "tcg"
+        return self.BOOT_TIMEOUT[accel]
+
+    async def prepare_rootfs(self, rootfs: Path, config: VmConfig) -> RootfsHandle:
+        from .rootfs import ext4_image
+
+        await self._ensure()
+        image, digest, size, hit = await anyio.to_thread.run_sync(ext4_image, Path(rootfs), self.settings.cache_dir)
+        return RootfsHandle(backend=self.name, source=Path(rootfs), path=image, format="ext4", digest=digest,
+                            size_bytes=size, cache_hit=hit)
+
+    def _check_handle(self, handle: RootfsHandle) -> None:
+        if handle.format != "ext4" or not handle.path.is_file():
+            raise HotcellError(f"rootfs handle {handle.path} is not an ext4 image prepared by the qemu backend; "
+                               "call prepare_rootfs() again")
+
+    async def run_stream(self, config: VmConfig, handle: RootfsHandle, *,
+                         info: RunInfo | None = None) -> AsyncIterator[Event]:
+        self._check_handle(handle)
+        info = info if info is not None else RunInfo()
+        vm = _Vm(self, config, handle, agent=False)
+        await vm.start(info)
+        graceful = False
+        try:
+            assert vm.out is not None
+            yield Progress(f"booting a microVM under {vm.accel.upper()} "
+                           f"({config.vcpus} vCPU, {config.memory_mib} MiB)")
+            stream = GuestStream(vm.nonce)
+            outcome = _Outcome()
+            decoder = _Utf8()
+            boot_deadline = vm.started + self.boot_timeout
+            run_deadline: float | None = None
+            timed_out = False
+            eof = False
+            while not outcome.end and not eof:
+                deadline = run_deadline if run_deadline is not None else boot_deadline
+                data: bytes | None = None
+                with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                    try:
+                        data = await vm.out.receive(65536)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        eof = True
+                        data = b""
+                if data is None:
+                    if run_deadline is None:
+                        raise VmBootError(f"the VM did not start the command within {self.boot_timeout:g} s; "
+                                          f"{vm.diagnostics()}")
+                    timed_out = True
+                    break
+                events: list[Event] = []
+                for m in [*stream.feed(data), *(stream.flush() if eof else [])]:
+                    if m.kind == "data":
+                        text = decoder.decode(m.data)
+                        if text:
+                            events.append(StdoutChunk(text))
+                    elif m.kind == "result":
+                        outcome.result, outcome.result_note = _decode_result(m.data)
+                        outcome.has_result = not outcome.result_note
+                    else:
+                        was_ready = outcome.ready
+                        outcome.apply(m.text)
+                        if outcome.error:
+                            raise VmBootError(f"the guest's init failed: {outcome.error}")
+                        if outcome.ready and not was_ready:
+                            info.ready = time.monotonic()
+                            run_deadline = info.ready + config.timeout
+                            events.append(Progress(f"guest up in {info.ready - vm.started:.2f} s; command started"))
+                        if outcome.exit_code is not None and info.ended is None:
+                            info.ended = time.monotonic()
+                for ev in events:
+                    yield ev
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield StdoutChunk(tail)
+            if timed_out:
+                await vm.kill()
+                info.ended = time.monotonic()
+                yield Exit(reason=ExitReason.TIMEOUT, exit_code=124,
+                           message=f"the command ran past its {config.timeout:g} s timeout; the VM was killed")
+                return
+            if not outcome.ready:
+                raise VmBootError(f"the VM stopped before the command started; {vm.diagnostics()}")
+            if outcome.end:
+                await vm.out.send(b"bye\n")
+                graceful = True
+            if outcome.exit_code is None:
+                info.ended = time.monotonic()
+                console = vm._tail("console.log")
+                if "Out of memory" in console or "oom" in console.lower():
+                    yield Exit(reason=ExitReason.OOM, exit_code=137,
+                               message=f"the guest ran out of memory (memory_mib={config.memory_mib}) and stopped")
+                else:
+                    yield Exit(reason=ExitReason.ERROR, exit_code=255,
+                               message=f"the VM stopped before the command's end was reported; {vm.diagnostics()}")
+                return
+            info.oom = outcome.oom
+            if outcome.has_result:
+                yield ResultValue(value=outcome.result)
+            yield _exit_event(outcome, config)
+        finally:
+            await vm.close(graceful=graceful)
+
+    async def start_session(self, config: VmConfig, handle: RootfsHandle) -> QemuSession:
+        self._check_handle(handle)
+        vm = _Vm(self, config, handle, agent=True)
+        await vm.start(RunInfo())
+        try:
+            assert vm.agent_stream is not None
+            session = QemuSession(vm, AgentChannel(vm.agent_stream), default_timeout=config.timeout)
+            await session.wait_guest_ready(vm.started + self.boot_timeout)
+            await session.wait_agent(self.AGENT_TIMEOUT)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await vm.close(graceful=False)
+            raise
+        return session
+
+
+class _Utf8:
+    """Incremental UTF-8 decoding of the console (a character may be split across reads)."""
+
+    def __init__(self) -> None:
+        import codecs
+
+        self._d = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        return self._d.decode(data, final)
+

@@ -1,0 +1,230 @@
+"""Host side of the persistent agent (``runtimes/python/agent.py``): cells in, events out.
+
+The transport is any anyio byte stream: a virtio-serial port's socket for a microVM, or the stdin and
+stdout of ``docker run -i`` for a box started with ``AGENT_PORT=stdio``. :class:`AgentSession`
+implements :class:`~hotbox_jupyter.cell.backend.VmSession` on top of it; a backend subclasses it to
+say how the VM is stopped and how a dead VM is told apart from a quiet one.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import codecs
+import itertools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from anyio.abc import ByteStream
+
+from ..errors import HotcellError
+from ..events import ErrorValue, Event, Exit, StderrChunk
+from ..frames import FrameDecoder
+from ..models import ExitReason
+from .backend import Accel, VmSession
+
+__all__ = ["AgentChannel", "AgentGone", "AgentSession"]
+
+log = logging.getLogger(__name__)
+
+# How long an interrupted cell may take to come back before the session is declared stuck.
+INTERRUPT_GRACE = 5.0
+# While a cell is quiet the session checks this often whether the VM is still alive.
+IDLE_POLL = 0.5
+MAX_LINE = 64 * 1024 * 1024
+
+
+class AgentGone(HotcellError):
+    """The agent's channel closed: the VM or the agent process is gone."""
+
+
+class AgentChannel:
+    """One JSON object per line over a byte stream."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self._buf = b""
+        self._send_lock = anyio.Lock()
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        async with self._send_lock:
+            try:
+                await self.stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise AgentGone(f"the agent's channel is closed: {exc!r}") from exc
+
+    async def receive(self) -> dict[str, Any]:
+        """The next message; raises AgentGone at end of stream. Cancel-safe: a partial line is kept."""
+        while b"\n" not in self._buf:
+            try:
+                chunk = await self.stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise AgentGone("the agent's channel closed") from exc
+            self._buf += chunk
+            if len(self._buf) > MAX_LINE:
+                raise AgentGone("the agent sent a line longer than 64 MiB")
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            msg = json.loads(line)
+        except ValueError as exc:
+            raise AgentGone(f"the agent sent something that is not JSON: {line[:200]!r}") from exc
+        if not isinstance(msg, dict):
+            raise AgentGone(f"the agent sent a non-object: {line[:200]!r}")
+        return msg
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class AgentSession(VmSession):
+    """A VmSession speaking to the agent; subclasses provide ``stop``, ``alive`` and ``_dead_reason``."""
+
+    def __init__(self, channel: AgentChannel, *, backend: str, accel: Accel | None,
+                 default_timeout: float | None = None) -> None:
+        self.channel = channel
+        self.backend = backend
+        self.accel = accel
+        self.default_timeout = default_timeout
+        self._ids = itertools.count(1)
+        self._busy = False
+        self._running_id: int | None = None
+        self._abandoned: set[int] = set()
+        self._dead: str | None = None
+
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """Wait for the agent's ``ready``; raises AgentGone or TimeoutError."""
+        with anyio.fail_after(timeout):
+            while True:
+                msg = await self.channel.receive()
+                if msg.get("t") == "ready":
+                    return msg
+
+    @abc.abstractmethod
+    async def _dead_reason(self) -> tuple[ExitReason, str] | None:
+        """Called while a cell is quiet: (reason, message) when the VM is gone, else None."""
+
+    @abc.abstractmethod
+    async def _kill(self) -> None:
+        """Kill the VM at once (a cell that does not come back after its interrupt)."""
+
+    async def interrupt(self) -> None:
+        if self._running_id is None or self._dead:
+            return
+        try:
+            await self.channel.send({"op": "interrupt"})
+        except AgentGone:
+            pass
+
+    async def exec(self, code: str, *, timeout: float | None = None) -> AsyncIterator[Event]:
+        if self._dead:
+            raise HotcellError(f"the session's VM is gone: {self._dead}")
+        if self._busy:
+            raise HotcellError("a cell is already running in this session; exec() runs one cell at a time")
+        self._busy = True
+        cell_id = next(self._ids)
+        timeout = timeout if timeout is not None else self.default_timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        interrupted_at: float | None = None
+        timed_out = False
+        stdout = FrameDecoder()
+        stderr = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        finished = False
+        try:
+            await self.channel.send({"op": "exec", "id": cell_id, "code": code})
+            self._running_id = cell_id
+            while True:
+                now = time.monotonic()
+                wait = IDLE_POLL
+                if deadline is not None and interrupted_at is None:
+                    wait = min(wait, max(0.0, deadline - now))
+                msg: dict[str, Any] | None = None
+                gone: AgentGone | None = None
+                with anyio.move_on_after(wait):
+                    try:
+                        msg = await self.channel.receive()
+                    except AgentGone as exc:
+                        gone = exc
+                if gone is not None:
+                    reason = await self._dead_reason() or (ExitReason.ERROR, f"the VM stopped: {gone}")
+                    self._dead = reason[1]
+                    finished = True
+                    for ev in stdout.close():
+                        yield ev
+                    yield Exit(reason=reason[0], exit_code=None, message=reason[1])
+                    return
+                if msg is None:
+                    now = time.monotonic()
+                    if deadline is not None and interrupted_at is None and now >= deadline:
+                        timed_out = True
+                        interrupted_at = now
+                        await self.interrupt()
+                    elif interrupted_at is not None and now - interrupted_at > INTERRUPT_GRACE:
+                        await self._kill()
+                        self._dead = "killed: the cell did not stop after its interrupt"
+                        finished = True
+                        yield Exit(reason=ExitReason.TIMEOUT if timed_out else ExitReason.INTERRUPTED,
+                                   exit_code=None, message=f"cell ran past its {timeout:g} s timeout and did not "
+                                   "stop when interrupted: the VM was killed")
+                        return
+                    else:
+                        dead = await self._dead_reason()
+                        if dead is not None:
+                            self._dead = dead[1]
+                            finished = True
+                            yield Exit(reason=dead[0], exit_code=None, message=dead[1])
+                            return
+                    continue
+                kind = msg.get("t")
+                if kind in ("stdout", "stderr"):
+                    data = base64.b64decode(msg.get("b", ""))
+                    if kind == "stdout":
+                        for ev in stdout.feed(data):
+                            yield ev
+                    else:
+                        text = stderr.decode(data)
+                        if text:
+                            yield StderrChunk(text)
+                elif kind == "done":
+                    done_id = msg.get("id")
+                    if done_id != cell_id:
+                        self._abandoned.discard(done_id)  # type: ignore[arg-type]
+                        continue
+                    finished = True
+                    for ev in stdout.close():
+                        yield ev
+                    tail = stderr.decode(b"", final=True)
+                    if tail:
+                        yield StderrChunk(tail)
+                    status = int(msg.get("status", 1))
+                    if timed_out:
+                        yield Exit(reason=ExitReason.TIMEOUT, exit_code=status,
+                                   message=f"cell ran past its {timeout:g} s timeout and was interrupted")
+                    elif status == 130:
+                        yield Exit(reason=ExitReason.INTERRUPTED, exit_code=status, message="interrupted")
+                    else:
+                        yield Exit(reason=ExitReason.EXITED, exit_code=status,
+                                   message="ok" if status == 0 else f"cell failed (status {status})")
+                    return
+                else:
+                    log.debug("agent: ignoring %r", msg)
+        except AgentGone as exc:
+            self._dead = str(exc)
+            finished = True
+            yield ErrorValue(ename="HotcellError", evalue=str(exc))
+            yield Exit(reason=ExitReason.ERROR, exit_code=None, message=str(exc))
+        finally:
+            self._running_id = None
+            self._busy = False
+            if not finished and not self._dead:
+                # The caller stopped listening mid-cell: stop the cell so the next one starts clean.
+                self._abandoned.add(cell_id)
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.channel.send({"op": "interrupt"})
+                    except AgentGone:
+                        pass
