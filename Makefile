@@ -1,7 +1,12 @@
+# The README's two commands: `make demo` and `make test`. Both run scripts/setup.sh first, which
+# installs and starts whatever is missing (as root on Debian 12) and is quick when nothing is.
 PYTHON ?= python3
 export PYTHON
+# setup.sh makes .venv when $(PYTHON) cannot install packages (Debian's externally managed python3);
+# recursive (=) so that it is looked up after setup has run.
+PY = $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo $(PYTHON))
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench doctor
 
 setup:
 	bash scripts/setup.sh
@@ -12,9 +17,12 @@ demo: setup
 test: setup
 	bash scripts/test.sh
 
+doctor:
+	$(PY) -m hotbox_jupyter.cli doctor
+
 lint:
-	$(PYTHON) -m ruff check hotbox_jupyter tests bench
-	$(PYTHON) -m mypy
+	$(PY) -m ruff check hotbox_jupyter tests $(wildcard bench)
+	$(PY) -m mypy
 
 bench: setup
-	for b in bench/*.py; do $(PYTHON) $$b || exit 1; done
+	for b in bench/*.py; do [ -e "$$b" ] || continue; $(PY) $$b || exit 1; done

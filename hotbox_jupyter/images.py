@@ -543,7 +543,7 @@ def build_image(client: DockerClient, name: str, *, progress: Progress | None = 
     size = _image_size(client, image_id)
     report = BuildReport(name=r.name, ref=f"{repository}:{tag}", image_id=image_id, size_mb=round(size / _MB, 1),
                          rootfs_seconds=round(root.seconds, 2), rootfs_cached=root.cached,
-                         import_seconds=round(t2 - t1, 2), total_seconds=round(t2 - t0, 2))
+                         import_seconds=round(t2 - t1, 2), total_seconds=round(time.monotonic() - t0, 2))
     _say(progress, f"[{r.name}] {report.summary()}")
     return report
 

@@ -6,14 +6,16 @@ microVM probe is the Hotcell side's seam, replaced here by plain objects with th
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
-import hotbox_jupyter.cell as cell
+import hotbox_jupyter
 from hotbox_jupyter.cli import main
 
 
@@ -29,6 +31,18 @@ def line(out: str, name: str) -> str:
         if len(parts) == 2 and parts[0] in ("OK", "WARN", "FAIL") and parts[1].startswith(name + " "):
             return ln
     raise AssertionError(f"no line for {name!r} in:\n{out}")
+
+
+@pytest.fixture
+def cell(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The Hotcell package, where the doctor looks for ``probe_backends``; a stand-in if it is not there yet."""
+    try:
+        return importlib.import_module("hotbox_jupyter.cell")
+    except ImportError:
+        module = ModuleType("hotbox_jupyter.cell")
+        monkeypatch.setitem(sys.modules, "hotbox_jupyter.cell", module)
+        monkeypatch.setattr(hotbox_jupyter, "cell", module, raising=False)
+        return module
 
 
 @pytest.fixture(autouse=True)
@@ -110,8 +124,8 @@ def test_doctor_names_a_bad_setting(capsys: pytest.CaptureFixture[str], monkeypa
     assert cfg.startswith("FAIL") and "HOT_BOX_ENABLED='maybe'" in cfg and "true or false" in cfg
 
 
-def test_doctor_reports_the_vm_backend_probe(capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_doctor_reports_the_vm_backend_probe(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                             cell: ModuleType) -> None:
     probes = [
         SimpleNamespace(name="qemu-tcg", available=True, reason="QEMU 7.2, TCG", accel="tcg"),
         SimpleNamespace(name="qemu-kvm", available=False, reason="KVM_EXIT_INTERNAL_ERROR on boot", accel="kvm"),
@@ -130,7 +144,7 @@ def test_doctor_reports_the_vm_backend_probe(capsys: pytest.CaptureFixture[str],
 
 
 def test_a_failing_probe_is_a_finding_not_a_crash(capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                  monkeypatch: pytest.MonkeyPatch, cell: ModuleType) -> None:
     def broken() -> list[Any]:
         raise RuntimeError("probe exploded")
 
