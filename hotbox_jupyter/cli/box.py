@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -78,7 +79,8 @@ def _conf(args: argparse.Namespace) -> dict[str, Any]:
     if args.script is not None:
         conf["script"] = args.script
     elif args.script_file is not None:
-        conf["script"] = sys.stdin.read() if args.script_file == "-" else open(args.script_file).read()
+        conf["script"] = (sys.stdin.read() if args.script_file == "-"
+                            else Path(args.script_file).read_text())
     if args.entrypoint is not None:
         ep = args.entrypoint
         conf["entrypoint"] = json.loads(ep) if ep.startswith("[") else [ep]

@@ -326,3 +326,28 @@ def test_hot_paths_cannot_escape(project: Path) -> None:
         box.storage.read_bytes("hot://root/etc/passwd")
     with pytest.raises(ConfigError, match=r"'\.\.'"):
         box.storage.read_bytes("hot://a/../../etc/passwd")
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def test_hotbox_run_streams_and_exits_with_the_box_code(project: Path) -> None:
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "hotbox_jupyter.cli", "run"]
+    out = subprocess.run([*cli, "--size", "micro", "-e", "WHO=cli", SHELL, "--", "sh", "-c",
+                          "echo hello $WHO; echo oops >&2; exit 3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3
+    assert out.stdout == "hello cli\n"
+    assert "oops" in out.stderr and "exited with code 3" in out.stderr
+    out = subprocess.run([*cli, "--size", "micro", "--writable", "--script",
+                          "echo from-cli > /data/x; hotbox cp /data/x hot://cli/x", SHELL],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert box.storage.read_text("hot://cli/x") == "from-cli\n"
+    out = subprocess.run([*cli, "--timeout", "1", "--size", "micro", SHELL, "--", "sleep", "30"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 124 and "timed out" in out.stderr
+    out = subprocess.run([*cli, "-i", "--size", "micro", SHELL, "--", "wc", "-c"], input="12345",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "5"
