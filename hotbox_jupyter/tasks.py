@@ -596,6 +596,7 @@ class TaskManager:
             console_path=str(j.path),
         )
         task.status = task.result.status
+        j.out_tail, j.err_tail = bytearray(), bytearray()  # the result holds what is kept now
         task.journal.event(Exit(reason=reason, exit_code=exit_code, message=message))
         task.done.set()
 

@@ -328,6 +328,34 @@ def test_hot_paths_cannot_escape(project: Path) -> None:
         box.storage.read_bytes("hot://a/../../etc/passwd")
 
 
+def test_concurrent_starts_from_threads(project: Path, client: docker.DockerClient) -> None:
+    results: dict[int, Any] = {}
+
+    def one(i: int) -> None:
+        results[i] = run({"image": SHELL, "cmd": ["sh", "-c", f"sleep 0.5; echo box {i}"], "size": "micro"})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {i: r.stdout for i, r in results.items()} == {i: f"box {i}\n" for i in range(4)}
+    assert len({r.id for r in results.values()}) == 4
+    assert containers(client, project_id=box.settings().project.id) == []
+
+
+def test_missing_image_ends_the_task_with_a_reason(project: Path, client: docker.DockerClient) -> None:
+    task = box.start({"image": "hotbox/no-such-image", "cmd": ["true"]})
+    result = box.wait(task.id, timeout=60)
+    assert result.reason is ExitReason.ERROR and result.exit_code is None
+    assert "hotbox/no-such-image" in result.message
+    events = list(box.events(task.id))
+    assert isinstance(events[-1], Exit) and events[-1].message == result.message
+    assert result.cus == 0
+    assert containers(client, task_id=task.id) == []
+    assert mounts_under(hotbox_home() / "state" / "tasks") == []
+
+
 # -- the command line -----------------------------------------------------------------------------
 
 def test_hotbox_run_streams_and_exits_with_the_box_code(project: Path) -> None:
