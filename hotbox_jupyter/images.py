@@ -257,13 +257,17 @@ def recipe(name: str) -> ImageRecipe:
 # runtimes
 
 
+_NOT_RUNTIME_FILES = ("Dockerfile", ".dockerignore")  # build recipes for registries, not run-time files
+
+
 def _runtime_files(root: Path) -> list[Path]:
     """Files and symlinks under ``root`` that belong in an image, in a stable order."""
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", ".git", ".mypy_cache", ".ruff_cache"))
         base = Path(dirpath)
-        out.extend(base / f for f in sorted(filenames) if not f.endswith((".pyc", ".pyo")))
+        out.extend(base / f for f in sorted(filenames)
+                   if not f.endswith((".pyc", ".pyo")) and f not in _NOT_RUNTIME_FILES)
         out.extend(base / d for d in dirnames if (base / d).is_symlink())
     return sorted(out)
 
