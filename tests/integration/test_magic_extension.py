@@ -14,10 +14,13 @@ from pathlib import Path
 from hotbox_jupyter.magics import DOCKER_WARNING
 
 SCRIPT = """
+import os, sys
 from IPython.core.interactiveshell import InteractiveShell
 ip = InteractiveShell.instance()
 ip.run_line_magic("load_ext", "hotbox_jupyter")
 print("LOADED", "hotbox" in ip.magics_manager.magics["cell"])
+if os.environ.get("LOAD_ONLY"):
+    sys.exit(0)
 r = ip.run_cell("%%hotbox hotbox/shell\\necho never")
 print("ERROR", type(r.error_in_exec).__name__)
 r = ip.run_cell("%%hotbox hotbox/shell --no-raise-error\\necho never")
@@ -32,17 +35,31 @@ def run_without_docker(tmp_path: Path, **env: str) -> subprocess.CompletedProces
                           timeout=120, cwd=tmp_path)
 
 
-def test_load_without_docker_warns_and_cells_fail_plainly(tmp_path: Path) -> None:
+def _warned_about_docker(stderr: str) -> bool:
+    # Either the engine's own start-up warning (it starts when the extension loads) or the magic's.
+    return DOCKER_WARNING in stderr or ("Hot Box:" in stderr and "Docker engine does not answer" in stderr)
+
+
+def test_load_without_docker_warns_at_load(tmp_path: Path) -> None:
+    proc = run_without_docker(tmp_path, LOAD_ONLY="1")
+    assert "LOADED True" in proc.stdout, proc.stderr
+    assert _warned_about_docker(proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_without_docker_cells_fail_plainly(tmp_path: Path) -> None:
     proc = run_without_docker(tmp_path)
     assert "LOADED True" in proc.stdout, proc.stderr
-    assert DOCKER_WARNING in proc.stderr
     assert "ERROR EngineUnavailableError" in proc.stdout
     assert "NO-RAISE True" in proc.stdout
     # The failure is one readable line, not a traceback through the engine.
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_disabled_box_does_not_warn_about_docker(tmp_path: Path) -> None:
-    proc = run_without_docker(tmp_path, HOT_BOX_ENABLED="false")
+def test_disabled_box_does_not_warn_about_docker_and_refuses_cells(tmp_path: Path) -> None:
+    proc = run_without_docker(tmp_path, HOT_BOX_ENABLED="false", LOAD_ONLY="1")
     assert "LOADED True" in proc.stdout, proc.stderr
-    assert DOCKER_WARNING not in proc.stderr
+    assert not _warned_about_docker(proc.stderr), proc.stderr
+    proc = run_without_docker(tmp_path, HOT_BOX_ENABLED="false")
+    assert "ERROR BoxDisabledError" in proc.stdout
+    assert "NO-RAISE True" in proc.stdout
