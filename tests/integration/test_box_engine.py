@@ -133,6 +133,16 @@ def test_events_live_then_replayed(project: Path) -> None:
     assert box.logs(task.id).count("\n") == 6
 
 
+def test_live_subscriber_follows_a_single_growing_stream(project: Path) -> None:
+    """Consecutive writes to one stream are merged in the journal; a live reader must still get each."""
+    task = box.start({"image": SHELL, "cmd": ["sh", "-c", "for i in 1 2 3 4; do echo $i; sleep 0.25; done"],
+                      "size": "micro"})
+    seen: list[tuple[float, str]] = [(time.monotonic(), e.text) for e in box.events(task.id)
+                                     if isinstance(e, StdoutChunk)]
+    assert "".join(t for _, t in seen) == "1\n2\n3\n4\n"
+    assert len(seen) >= 3 and seen[-1][0] - seen[0][0] > 0.4
+
+
 def test_aevents_on_a_foreign_event_loop(project: Path) -> None:
     task = box.start({"image": SHELL, "cmd": ["sh", "-c", _TICKER], "size": "micro"})
 
