@@ -33,6 +33,7 @@ __all__ = ["DataDisk", "ProjectStorage", "StorageEntry", "hot_path", "ls", "read
 log = logging.getLogger(__name__)
 
 SCHEME = "hot://"
+_warned_not_root = False
 NOBODY_UID = 65534
 
 
@@ -240,8 +241,11 @@ class DataDisk:
                     (self.path / "lost+found").rmdir()
                 return
         else:
-            log.warning("not running as root: /data is a plain directory and its size (%d MB) is NOT "
-                        "enforced", self.size_mb)
+            global _warned_not_root
+            if not _warned_not_root:  # once per process: every box would say the same
+                _warned_not_root = True
+                log.warning("not running as root (or mkfs.ext4/mount missing): /data is a plain directory "
+                            "and disk-size is NOT enforced")
         os.chmod(self.path, 0o777)
 
     def destroy(self) -> None:

@@ -156,3 +156,19 @@ def test_runtimes_are_on_the_path(project: Path) -> None:
     where, path = result.stdout.splitlines()
     assert where == "/opt/hotbox/bin/hotbox"
     assert path.startswith("/opt/hotbox/bin:") and "/usr/bin" in path
+
+
+def test_data_without_root_falls_back_honestly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Without loop mounts /data is a plain directory, and a warning says its size is not enforced."""
+    from hotbox_jupyter.box import storage
+
+    monkeypatch.setattr(storage.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(storage, "_warned_not_root", False)
+    disk = storage.DataDisk(tmp_path / "disk", 16, 65534, 65534)
+    with caplog.at_level("WARNING"):
+        disk.create()
+    assert not disk.enforced and disk.path.is_dir() and not (tmp_path / "disk" / "data.img").exists()
+    assert "NOT enforced" in caplog.text
+    disk.destroy()
+    assert not (tmp_path / "disk").exists()
