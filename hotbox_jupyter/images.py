@@ -544,6 +544,9 @@ def build_image(client: DockerClient, name: str, *, progress: Progress | None = 
             client.api.remove_image(old_id)
         except APIError:
             _say(progress, f"[{r.name}] the previous image {old_id[7:19]} is still used by a container; kept")
+    # Images kept above become untagged once their containers go; they are dropped at the next build.
+    with contextlib.suppress(APIError):
+        client.api.prune_images(filters={"dangling": True, "label": f"{LABEL_NAME}={r.name}"})
     size = _image_size(client, image_id)
     report = BuildReport(name=r.name, ref=f"{repository}:{tag}", image_id=image_id, size_mb=round(size / _MB, 1),
                          rootfs_seconds=round(root.seconds, 2), rootfs_cached=root.cached,
