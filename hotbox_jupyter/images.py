@@ -281,7 +281,7 @@ def runtimes_hash(root: Path | None = None) -> str:
         if path.is_symlink():
             h.update(f"L {rel} {os.readlink(path)}\0".encode())
             continue
-        executable = os.access(path, os.X_OK)
+        executable = bool(path.stat().st_mode & 0o111)  # the same test _tar_runtimes uses for the mode
         h.update(f"F {rel} {int(executable)}\0".encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()[:16]
