@@ -42,9 +42,9 @@ from ..paths import runtimes_dir
 
 __all__ = [
     "BASE_MODULES",
-    "GuestKernel",
     "NET_MODULES",
     "SHARE_MODULES",
+    "GuestKernel",
     "build_initramfs",
     "ensure_kernel",
     "extract_vmlinux",
@@ -109,7 +109,7 @@ class GuestKernel:
             if name in order:
                 return
             if name in path:
-                raise VmmUnavailableError(f"guest kernel {self.version}: module dependency loop {path + (name,)}")
+                raise VmmUnavailableError(f"guest kernel {self.version}: module dependency loop {(*path, name)}")
             if name not in self.deps:
                 raise VmmUnavailableError(f"guest kernel {self.version} has no module {name!r}")
             for dep in self.deps[name]:
@@ -173,10 +173,8 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     offset, length = struct.unpack_from("<II", bzimage, 0x248)
     start = (setup_sects + 1) * 512 + offset
     payload = bzimage[start:start + length]
-    for magic, kind in _MAGICS:
-        if payload.startswith(magic):
-            break
-    else:
+    kind = next((k for magic, k in _MAGICS if payload.startswith(magic)), None)
+    if kind is None:
         raise VmmUnavailableError(f"unknown compression of the guest kernel payload (magic {payload[:6].hex()})")
     if kind == "gzip":
         out = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)

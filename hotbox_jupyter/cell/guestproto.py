@@ -8,13 +8,27 @@ output as raw bytes with init's messages in-band as ``ESC ] hbctl;<nonce>;<messa
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import json
 import secrets
 import shlex
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["GuestMessage", "GuestStream", "new_nonce", "run_conf"]
+import anyio
+
+from ..errors import VmBootError
+from ..events import Event, Exit, Progress, ResultValue, StdoutChunk
+from ..models import ExitReason
+
+if TYPE_CHECKING:
+    from .backend import Accel, RunInfo
+    from .config import VmConfig
+
+__all__ = ["GuestMessage", "GuestOutcome", "GuestStream", "GuestVm", "guest_run_events", "new_nonce", "run_conf"]
 
 _CTL_START = b"\x1b]hbctl;"
 _CTL_END = b"\x07"
@@ -112,7 +126,8 @@ def _q(s: str) -> str:
 
 def run_conf(*, nonce: str, modules: Iterable[str], command: Sequence[str], env: dict[str, str],
              workdir: str, net: bool, shares: Iterable[tuple[str, str, bool]],
-             epoch: float | None = None) -> str:
+             epoch: float | None = None, port_dev: str = "", halt: str = "poweroff", root_ro: bool = False,
+             net_addr: tuple[str, str, str] | None = None) -> str:
     """The shell settings init sources: modules to load, shares ``(tag, guest path, read_only)``,
     networking, and ``hb_exec``, which runs the command chrooted into the image with exactly ``env``.
 
@@ -125,6 +140,11 @@ def run_conf(*, nonce: str, modules: Iterable[str], command: Sequence[str], env:
         f"HB_NET={1 if net else 0}",
         f"HB_WORKDIR={_q(workdir)}",
         f"HB_EPOCH={int(epoch if epoch is not None else time.time())}",
+        f"HB_PORT_DEV={_q(port_dev)}",
+        f"HB_HALT={_q(halt)}",
+        f"HB_ROOT_RO={1 if root_ro else 0}",
+        *([f"HB_NET_ADDR={_q(net_addr[0])}", f"HB_NET_GW={_q(net_addr[1])}", f"HB_NET_DNS={_q(net_addr[2])}"]
+          if net_addr else []),
         "hb_shares() {",
         "    :",
     ]
@@ -141,3 +161,147 @@ def run_conf(*, nonce: str, modules: Iterable[str], command: Sequence[str], env:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+# --- one run, whatever the VMM ------------------------------------------------------------------------
+
+class GuestVm(Protocol):
+    """What :func:`guest_run_events` needs of a started VM (QEMU's and Firecracker's runs provide it)."""
+
+    nonce: str
+    accel: Accel
+    started: float
+    said_bye: bool
+
+    async def receive(self) -> bytes:
+        """The next bytes of the guest's stream; b"" once it ended (the VMM exited)."""
+
+    async def send_bye(self) -> None:
+        """Answer init's ``end``: it may power off now."""
+
+    async def kill(self) -> None:
+        """Kill the VMM at once."""
+
+    def diagnostics(self) -> str:
+        """Tails of the VMM's and the guest kernel's logs, for error messages."""
+
+    def kernel_log(self) -> str:
+        """What the guest kernel printed (panics), to tell an out-of-memory death from a crash."""
+
+
+class GuestOutcome:
+    """What init reported about the command."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.exit_code: int | None = None
+        self.oom = False
+        self.result: Any = None
+        self.has_result = False
+        self.result_note = ""
+        self.error: str | None = None
+        self.end = False
+
+    def apply(self, text: str) -> None:
+        word, _, rest = text.partition(" ")
+        if word == "ready":
+            self.ready = True
+        elif word == "exit":
+            with contextlib.suppress(ValueError):
+                self.exit_code = int(rest)
+        elif word == "oom":
+            self.oom = True
+        elif word == "error":
+            self.error = rest
+        elif word == "end":
+            self.end = True
+
+    def set_result(self, raw: bytes) -> None:
+        try:
+            self.result, self.has_result = json.loads(raw), True
+        except ValueError as exc:
+            self.result_note = f"/hotcell/result.json is not JSON ({exc}); it was ignored"
+
+    def exit_event(self, config: VmConfig) -> Exit:
+        code = self.exit_code if self.exit_code is not None else -1
+        if self.oom and code != 0:
+            return Exit(reason=ExitReason.OOM, exit_code=code,
+                        message=f"the guest ran out of memory (memory_mib={config.memory_mib}); the kernel's OOM "
+                                f"killer ended the command (exit code {code})")
+        note = f"; {self.result_note}" if self.result_note else ""
+        return Exit(reason=ExitReason.EXITED, exit_code=code, message=f"exited with code {code}{note}")
+
+
+async def guest_run_events(vm: GuestVm, config: VmConfig, info: RunInfo, boot_timeout: float) -> AsyncIterator[Event]:
+    """The events of one run, read from the guest's stream until init's ``end`` (or the VMM's exit).
+
+    The boot deadline runs from the VMM's start to init's ``ready``, the command's timeout from
+    there. Raises VmBootError when the guest does not get the command started. The caller owns the VM
+    and closes it afterwards (gracefully when ``vm.said_bye``).
+    """
+    yield Progress(f"booting a microVM under {vm.accel.upper()} ({config.vcpus} vCPU, {config.memory_mib} MiB)")
+    stream = GuestStream(vm.nonce)
+    outcome = GuestOutcome()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    boot_deadline = vm.started + boot_timeout
+    run_deadline: float | None = None
+    eof = False
+    while not outcome.end and not eof:
+        deadline = run_deadline if run_deadline is not None else boot_deadline
+        data: bytes | None = None
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+            data = await vm.receive()
+        if data is None:
+            if run_deadline is None:
+                raise VmBootError(f"the VM did not start the command within {boot_timeout:g} s; {vm.diagnostics()}")
+            await vm.kill()
+            info.ended = time.monotonic()
+            tail = decoder.decode(b"", True)
+            if tail:
+                yield StdoutChunk(tail)
+            yield Exit(reason=ExitReason.TIMEOUT, exit_code=124,
+                       message=f"the command ran past its {config.timeout:g} s timeout; the VM was killed")
+            return
+        eof = not data
+        events: list[Event] = []
+        for m in [*stream.feed(data), *(stream.flush() if eof else [])]:
+            if m.kind == "data":
+                text = decoder.decode(m.data)
+                if text:
+                    events.append(StdoutChunk(text))
+            elif m.kind == "result":
+                outcome.set_result(m.data)
+            else:
+                was_ready = outcome.ready
+                outcome.apply(m.text)
+                if outcome.error:
+                    raise VmBootError(f"the guest's init failed: {outcome.error}; {vm.diagnostics()}")
+                if outcome.ready and not was_ready:
+                    info.ready = time.monotonic()
+                    run_deadline = info.ready + config.timeout
+                    events.append(Progress(f"guest up in {info.ready - vm.started:.2f} s; command started"))
+                if outcome.exit_code is not None and info.ended is None:
+                    info.ended = time.monotonic()
+        for ev in events:
+            yield ev
+    tail = decoder.decode(b"", True)
+    if tail:
+        yield StdoutChunk(tail)
+    if not outcome.ready:
+        raise VmBootError(f"the VM stopped before the command started; {vm.diagnostics()}")
+    if outcome.end:
+        await vm.send_bye()
+    if outcome.exit_code is None:
+        info.ended = time.monotonic()
+        klog = vm.kernel_log()
+        if "out of memory" in klog.lower():
+            yield Exit(reason=ExitReason.OOM, exit_code=137,
+                       message=f"the guest ran out of memory (memory_mib={config.memory_mib}) and stopped")
+        else:
+            yield Exit(reason=ExitReason.ERROR, exit_code=255,
+                       message=f"the VM stopped before the command's end was reported; {vm.diagnostics()}")
+        return
+    info.oom = outcome.oom
+    if outcome.has_result:
+        yield ResultValue(value=outcome.result)
+    yield outcome.exit_event(config)

@@ -39,8 +39,7 @@ import anyio
 from anyio.abc import Process, SocketStream
 
 from ..errors import HotcellError, VmBootError, VmmUnavailableError
-from ..events import Event, Exit, Progress, ResultValue, StdoutChunk
-from ..models import ExitReason
+from ..events import Event
 from ..settings import Settings, load_settings
 from .backend import Accel, BackendProbe, RootfsHandle, RunInfo, VmmBackend
 from .config import VmConfig
@@ -55,11 +54,11 @@ from .guestkernel import (
     probe_initramfs,
     run_archive,
 )
-from .guestproto import GuestStream, new_nonce, run_conf
-from .session import AgentChannel, AgentGone, AgentSession
+from .guestproto import guest_run_events, new_nonce, run_conf
+from .session import AgentChannel, GuestAgentSession
 from .vmstate import RunDir, pdeathsig_prefix, reap_orphans
 
-__all__ = ["QemuBackend", "QemuSession", "kernel_cmdline", "kvm_probe", "qemu_argv"]
+__all__ = ["QemuBackend", "kernel_cmdline", "kvm_probe", "kvm_status", "qemu_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,8 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
         argv += ["-chardev", f"socket,id=agent,path={agent_sock}",
                  "-device", "virtserialport,chardev=agent,name=hotbox.agent"]
     for i, (tag, sock) in enumerate(shares or []):
-        argv += ["-chardev", f"socket,id=vfs{i},path={sock}", "-device", f"vhost-user-fs-device,chardev=vfs{i},tag={tag}"]
+        argv += ["-chardev", f"socket,id=vfs{i},path={sock}",
+                 "-device", f"vhost-user-fs-device,chardev=vfs{i},tag={tag}"]
     if net:
         argv += ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"]
     return argv
@@ -240,6 +240,22 @@ def _kvm_boot(qemu: str, kernel: GuestKernel, cache: Path, deadline: float) -> t
     return False, f"QEMU -accel kvm failed: {first}{_kvm_flavour()}"
 
 
+def kvm_status() -> tuple[bool, str]:
+    """Whether KVM can run guests here, for every backend: the QEMU boot probe when QEMU and the guest
+    kernel are at hand, else the /dev/kvm checks alone (a kvm-pvm host is known not to work)."""
+    problem = _kvm_device_check()
+    if problem is not None:
+        return False, problem
+    try:
+        qemu = find_qemu()
+        kernel = ensure_kernel()
+    except HotcellError as exc:
+        if _kvm_flavour():
+            return False, "KVM cannot run stock guest kernels here" + _kvm_flavour()
+        return True, f"/dev/kvm answers (not boot-tested: {exc})"
+    return kvm_probe(qemu, kernel, load_settings().cache_dir / "vm")
+
+
 # --- one VM ---------------------------------------------------------------------------------------------
 
 class _Vm:
@@ -260,6 +276,7 @@ class _Vm:
         self._log_files: list[Any] = []
         self.accel: Accel = "tcg"
         self.started = 0.0
+        self.said_bye = False
 
     def _sock_dir(self) -> Path:
         assert self.rundir is not None
@@ -396,6 +413,26 @@ class _Vm:
         """The tails of QEMU's log and the guest's kernel console, for error messages."""
         return f"QEMU: {self._tail('qemu.log')}; guest console: {self._tail('console.log')}"
 
+    def kernel_log(self) -> str:
+        return self._tail("console.log", 4000)
+
+    @property
+    def running(self) -> bool:
+        return self.qemu is not None and self.qemu.returncode is None
+
+    async def receive(self) -> bytes:
+        assert self.out is not None
+        try:
+            return await self.out.receive(65536)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return b""
+
+    async def send_bye(self) -> None:
+        assert self.out is not None
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await self.out.send(b"bye\n")
+            self.said_bye = True
+
     async def close(self, *, graceful: bool = True) -> None:
         """Stop every process of the VM and remove its run directory. Never raises."""
         with anyio.CancelScope(shield=True):
@@ -423,10 +460,10 @@ class _Vm:
             for f in self._log_files:
                 with contextlib.suppress(OSError):
                     f.close()
-            for proc in (self.qemu, *self.helpers):
-                if proc is not None:
+            for p in [self.qemu, *self.helpers]:
+                if p is not None:
                     with contextlib.suppress(Exception):
-                        await proc.aclose()
+                        await p.aclose()
             if self.rundir is not None:
                 self.rundir.remove()
 
@@ -434,154 +471,6 @@ class _Vm:
         if self.qemu is not None and self.qemu.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.qemu.kill()
-
-
-def _decode_result(raw: bytes) -> tuple[Any, str]:
-    try:
-        return json.loads(raw), ""
-    except ValueError as exc:
-        return None, f"/hotcell/result.json is not JSON ({exc}); it was ignored"
-
-
-class _Outcome:
-    """What init reported about the command."""
-
-    def __init__(self) -> None:
-        self.ready = False
-        self.exit_code: int | None = None
-        self.oom = False
-        self.result: Any = None
-        self.has_result = False
-        self.result_note = ""
-        self.error: str | None = None
-        self.end = False
-
-    def apply(self, text: str) -> None:
-        word, _, rest = text.partition(" ")
-        if word == "ready":
-            self.ready = True
-        elif word == "exit":
-            with contextlib.suppress(ValueError):
-                self.exit_code = int(rest)
-        elif word == "oom":
-            self.oom = True
-        elif word == "error":
-            self.error = rest
-        elif word == "end":
-            self.end = True
-
-
-def _exit_event(o: _Outcome, config: VmConfig) -> Exit:
-    code = o.exit_code if o.exit_code is not None else -1
-    if o.oom and code != 0:
-        return Exit(reason=ExitReason.OOM, exit_code=code,
-                    message=f"the guest ran out of memory (memory_mib={config.memory_mib}); the kernel's OOM "
-                            f"killer ended the command (exit code {code})")
-    note = f"; {o.result_note}" if o.result_note else ""
-    return Exit(reason=ExitReason.EXITED, exit_code=code, message=f"exited with code {code}{note}")
-
-
-class QemuSession(AgentSession):
-    """A session whose agent runs in a QEMU microVM."""
-
-    def __init__(self, vm: _Vm, channel: AgentChannel, default_timeout: float | None) -> None:
-        super().__init__(channel, backend=QemuBackend.name, accel=vm.accel, default_timeout=default_timeout)
-        self._vm = vm
-        self._stream = GuestStream(vm.nonce)
-        self._outcome = _Outcome()
-        self._console = bytearray()
-        self._stopped = False
-
-    @property
-    def alive(self) -> bool:
-        return not self._stopped and not self._dead and self._vm.qemu is not None and self._vm.qemu.returncode is None
-
-    @property
-    def console(self) -> str:
-        """What the agent process itself wrote outside cells (its crash message, if any)."""
-        return self._console.decode(errors="replace")
-
-    async def _pump_out(self, wait: float) -> bool:
-        """Read what init sent on hotbox.out within ``wait`` s; False at end of stream."""
-        assert self._vm.out is not None
-        with anyio.move_on_after(wait):
-            try:
-                data = await self._vm.out.receive(65536)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return False
-            for m in self._stream.feed(data):
-                if m.kind == "ctl":
-                    self._outcome.apply(m.text)
-                elif m.kind == "data":
-                    self._console += m.data[-65536:]
-        return True
-
-    async def wait_guest_ready(self, deadline: float) -> None:
-        """Until init says the agent was started; VmBootError if the guest fails or is too slow."""
-        while not self._outcome.ready:
-            if self._outcome.error:
-                raise VmBootError(f"the guest's init failed: {self._outcome.error}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise VmBootError(f"the VM did not boot within the deadline; {self._vm.diagnostics()}")
-            if not await self._pump_out(min(remaining, 1.0)):
-                raise VmBootError(f"the VM stopped while booting; {self._vm.diagnostics()}")
-
-    async def wait_agent(self, timeout: float) -> None:
-        """Until the agent says ready, watching init for the agent's early death."""
-        async def watch_init() -> None:
-            while self._outcome.exit_code is None:
-                if not await self._pump_out(1.0):
-                    break
-            raise VmBootError(f"the session agent exited ({self._outcome.exit_code}) before it was ready: "
-                              f"{self.console.strip()[-800:] or '(no output)'}")
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch_init)
-            try:
-                await self.wait_ready(timeout)
-            except TimeoutError:
-                raise VmBootError(f"the session agent did not answer within {timeout:g} s; "
-                                  f"{self._vm.diagnostics()}") from None
-            except AgentGone as exc:
-                raise VmBootError(f"the session agent's channel closed: {exc}; {self._vm.diagnostics()}") from exc
-            tg.cancel_scope.cancel()
-
-    async def _dead_reason(self) -> tuple[ExitReason, str] | None:
-        qemu = self._vm.qemu
-        await self._pump_out(0.01)
-        if self._outcome.exit_code is not None:
-            code = self._outcome.exit_code
-            if self._outcome.oom:
-                return ExitReason.OOM, (f"the guest ran out of memory (memory_mib={self._vm.config.memory_mib}): "
-                                        f"the OOM killer ended the session agent")
-            return ExitReason.ERROR, f"the session agent exited with code {code}: {self.console.strip()[-500:]}"
-        if qemu is None or qemu.returncode is not None:
-            return ExitReason.ERROR, f"the VM stopped; {self._vm.diagnostics()}"
-        return None
-
-    async def _kill(self) -> None:
-        await self._vm.kill()
-
-    async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        with anyio.CancelScope(shield=True):
-            graceful = False
-            if self._vm.qemu is not None and self._vm.qemu.returncode is None:
-                try:
-                    with anyio.move_on_after(5):
-                        await self.channel.send({"op": "shutdown"})
-                        while not self._outcome.end:
-                            if not await self._pump_out(1.0):
-                                break
-                        if self._outcome.end and self._vm.out is not None:
-                            await self._vm.out.send(b"bye\n")
-                            graceful = True
-                except (AgentGone, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    pass
-            await self._vm.close(graceful=graceful)
 
 
 class QemuBackend(VmmBackend):
@@ -677,93 +566,20 @@ class QemuBackend(VmmBackend):
         info = info if info is not None else RunInfo()
         vm = _Vm(self, config, handle, agent=False)
         await vm.start(info)
-        graceful = False
         try:
-            assert vm.out is not None
-            yield Progress(f"booting a microVM under {vm.accel.upper()} "
-                           f"({config.vcpus} vCPU, {config.memory_mib} MiB)")
-            stream = GuestStream(vm.nonce)
-            outcome = _Outcome()
-            decoder = _Utf8()
-            boot_deadline = vm.started + self.boot_timeout
-            run_deadline: float | None = None
-            timed_out = False
-            eof = False
-            while not outcome.end and not eof:
-                deadline = run_deadline if run_deadline is not None else boot_deadline
-                data: bytes | None = None
-                with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-                    try:
-                        data = await vm.out.receive(65536)
-                    except (anyio.EndOfStream, anyio.BrokenResourceError):
-                        eof = True
-                        data = b""
-                if data is None:
-                    if run_deadline is None:
-                        raise VmBootError(f"the VM did not start the command within {self.boot_timeout:g} s; "
-                                          f"{vm.diagnostics()}")
-                    timed_out = True
-                    break
-                events: list[Event] = []
-                for m in [*stream.feed(data), *(stream.flush() if eof else [])]:
-                    if m.kind == "data":
-                        text = decoder.decode(m.data)
-                        if text:
-                            events.append(StdoutChunk(text))
-                    elif m.kind == "result":
-                        outcome.result, outcome.result_note = _decode_result(m.data)
-                        outcome.has_result = not outcome.result_note
-                    else:
-                        was_ready = outcome.ready
-                        outcome.apply(m.text)
-                        if outcome.error:
-                            raise VmBootError(f"the guest's init failed: {outcome.error}")
-                        if outcome.ready and not was_ready:
-                            info.ready = time.monotonic()
-                            run_deadline = info.ready + config.timeout
-                            events.append(Progress(f"guest up in {info.ready - vm.started:.2f} s; command started"))
-                        if outcome.exit_code is not None and info.ended is None:
-                            info.ended = time.monotonic()
-                for ev in events:
-                    yield ev
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                yield StdoutChunk(tail)
-            if timed_out:
-                await vm.kill()
-                info.ended = time.monotonic()
-                yield Exit(reason=ExitReason.TIMEOUT, exit_code=124,
-                           message=f"the command ran past its {config.timeout:g} s timeout; the VM was killed")
-                return
-            if not outcome.ready:
-                raise VmBootError(f"the VM stopped before the command started; {vm.diagnostics()}")
-            if outcome.end:
-                await vm.out.send(b"bye\n")
-                graceful = True
-            if outcome.exit_code is None:
-                info.ended = time.monotonic()
-                console = vm._tail("console.log")
-                if "Out of memory" in console or "oom" in console.lower():
-                    yield Exit(reason=ExitReason.OOM, exit_code=137,
-                               message=f"the guest ran out of memory (memory_mib={config.memory_mib}) and stopped")
-                else:
-                    yield Exit(reason=ExitReason.ERROR, exit_code=255,
-                               message=f"the VM stopped before the command's end was reported; {vm.diagnostics()}")
-                return
-            info.oom = outcome.oom
-            if outcome.has_result:
-                yield ResultValue(value=outcome.result)
-            yield _exit_event(outcome, config)
+            async for ev in guest_run_events(vm, config, info, self.boot_timeout):
+                yield ev
         finally:
-            await vm.close(graceful=graceful)
+            await vm.close(graceful=vm.said_bye)
 
-    async def start_session(self, config: VmConfig, handle: RootfsHandle) -> QemuSession:
+    async def start_session(self, config: VmConfig, handle: RootfsHandle) -> GuestAgentSession:
         self._check_handle(handle)
         vm = _Vm(self, config, handle, agent=True)
         await vm.start(RunInfo())
         try:
             assert vm.agent_stream is not None
-            session = QemuSession(vm, AgentChannel(vm.agent_stream), default_timeout=config.timeout)
+            session = GuestAgentSession(vm, AgentChannel(vm.agent_stream), backend=self.name,
+                                        default_timeout=config.timeout)
             await session.wait_guest_ready(vm.started + self.boot_timeout)
             await session.wait_agent(self.AGENT_TIMEOUT)
         except BaseException:
@@ -771,16 +587,3 @@ class QemuBackend(VmmBackend):
                 await vm.close(graceful=False)
             raise
         return session
-
-
-class _Utf8:
-    """Incremental UTF-8 decoding of the console (a character may be split across reads)."""
-
-    def __init__(self) -> None:
-        import codecs
-
-        self._d = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def decode(self, data: bytes, final: bool = False) -> str:
-        return self._d.decode(data, final)
-

@@ -153,7 +153,7 @@ def _set_meta(path: Path, m: tarfile.TarInfo, *, symlink: bool = False) -> None:
 def apply_layer(layer: IO[bytes], root: Path) -> int:
     """Apply one layer (a tar, gzip-compressed or not, seekable) onto ``root``; returns entries written."""
     try:
-        tf = tarfile.open(fileobj=layer, mode="r:*")
+        tf = tarfile.open(fileobj=layer, mode="r:*")  # noqa: SIM115 - closed by the with below
     except tarfile.TarError as exc:
         raise RootfsError(f"a layer is not a (compressed) tar archive: {exc}") from exc
     with tf:
@@ -300,7 +300,7 @@ class OciLayoutSource(ImageSource):
     def layers(self) -> Iterator[Layer]:
         for desc in self.manifest.get("layers", []):
             path = self.blob(desc["digest"])
-            yield Layer(desc.get("mediaType", ""), lambda p=path: open(p, "rb"))
+            yield Layer(desc.get("mediaType", ""), lambda p=path: open(p, "rb"))  # noqa: SIM115 - a context manager
 
 
 class DockerSource(ImageSource):

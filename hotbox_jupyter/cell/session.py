@@ -11,23 +11,26 @@ from __future__ import annotations
 import abc
 import base64
 import codecs
+import contextlib
 import itertools
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import ByteStream
 
-from ..errors import HotcellError
+from ..errors import HotcellError, VmBootError
 from ..events import ErrorValue, Event, Exit, StderrChunk
 from ..frames import FrameDecoder
 from ..models import ExitReason
 from .backend import Accel, VmSession
+from .config import VmConfig
+from .guestproto import GuestOutcome, GuestStream, GuestVm
 
-__all__ = ["AgentChannel", "AgentGone", "AgentSession"]
+__all__ = ["AgentChannel", "AgentGone", "AgentSession", "GuestAgentSession", "SessionVm"]
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +118,8 @@ class AgentSession(VmSession):
     async def interrupt(self) -> None:
         if self._running_id is None or self._dead:
             return
-        try:
+        with contextlib.suppress(AgentGone):
             await self.channel.send({"op": "interrupt"})
-        except AgentGone:
-            pass
 
     async def exec(self, code: str, *, timeout: float | None = None) -> AsyncIterator[Event]:
         if self._dead:
@@ -192,7 +193,7 @@ class AgentSession(VmSession):
                 elif kind == "done":
                     done_id = msg.get("id")
                     if done_id != cell_id:
-                        self._abandoned.discard(done_id)  # type: ignore[arg-type]
+                        self._abandoned.discard(done_id)
                         continue
                     finished = True
                     for ev in stdout.close():
@@ -224,7 +225,123 @@ class AgentSession(VmSession):
                 # The caller stopped listening mid-cell: stop the cell so the next one starts clean.
                 self._abandoned.add(cell_id)
                 with anyio.CancelScope(shield=True):
-                    try:
+                    with contextlib.suppress(AgentGone):
                         await self.channel.send({"op": "interrupt"})
-                    except AgentGone:
-                        pass
+
+
+class SessionVm(GuestVm, Protocol):
+    """What a GuestAgentSession needs of its VM beyond a one-shot run's needs."""
+
+    config: VmConfig
+
+    @property
+    def running(self) -> bool:
+        """The VMM process still runs."""
+
+    async def close(self, *, graceful: bool = True) -> None:
+        """Stop the VMM and remove what it left on the host."""
+
+
+class GuestAgentSession(AgentSession):
+    """A session whose agent runs in a VM started by hotbox's guest init (QEMU, Firecracker).
+
+    Besides the agent's channel it watches init's stream, which says when the agent process died
+    (its exit code, an OOM) while the VM still runs.
+    """
+
+    def __init__(self, vm: SessionVm, channel: AgentChannel, *, backend: str,
+                 default_timeout: float | None) -> None:
+        super().__init__(channel, backend=backend, accel=vm.accel, default_timeout=default_timeout)
+        self._vm = vm
+        self._stream = GuestStream(vm.nonce)
+        self._outcome = GuestOutcome()
+        self._console = bytearray()
+        self._stopped = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and not self._dead and self._vm.running
+
+    @property
+    def console(self) -> str:
+        """What the agent process itself wrote outside cells (its crash message, if any)."""
+        return self._console.decode(errors="replace")
+
+    async def _pump_out(self, wait: float) -> bool:
+        """Read what init sent on hotbox.out within ``wait`` s; False at end of stream."""
+        with anyio.move_on_after(wait):
+            data = await self._vm.receive()
+            if not data:
+                return False
+            for m in self._stream.feed(data):
+                if m.kind == "ctl":
+                    self._outcome.apply(m.text)
+                elif m.kind == "data":
+                    self._console += m.data[-65536:]
+        return True
+
+    async def wait_guest_ready(self, deadline: float) -> None:
+        """Until init says the agent was started; VmBootError if the guest fails or is too slow."""
+        while not self._outcome.ready:
+            if self._outcome.error:
+                raise VmBootError(f"the guest's init failed: {self._outcome.error}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VmBootError(f"the VM did not boot within the deadline; {self._vm.diagnostics()}")
+            if not await self._pump_out(min(remaining, 1.0)):
+                raise VmBootError(f"the VM stopped while booting; {self._vm.diagnostics()}")
+
+    async def wait_agent(self, timeout: float) -> None:
+        """Until the agent says ready, watching init for the agent's early death."""
+        async def watch_init() -> None:
+            while self._outcome.exit_code is None:
+                if not await self._pump_out(1.0):
+                    break
+            raise VmBootError(f"the session agent exited ({self._outcome.exit_code}) before it was ready: "
+                              f"{self.console.strip()[-800:] or '(no output)'}")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_init)
+            try:
+                await self.wait_ready(timeout)
+            except TimeoutError:
+                raise VmBootError(f"the session agent did not answer within {timeout:g} s; "
+                                  f"{self._vm.diagnostics()}") from None
+            except AgentGone as exc:
+                raise VmBootError(f"the session agent's channel closed: {exc}; {self._vm.diagnostics()}") from exc
+            tg.cancel_scope.cancel()
+
+    async def _dead_reason(self) -> tuple[ExitReason, str] | None:
+        await self._pump_out(0.01)
+        if self._outcome.exit_code is not None:
+            code = self._outcome.exit_code
+            if self._outcome.oom:
+                return ExitReason.OOM, (f"the guest ran out of memory (memory_mib={self._vm.config.memory_mib}): "
+                                        f"the OOM killer ended the session agent")
+            return ExitReason.ERROR, f"the session agent exited with code {code}: {self.console.strip()[-500:]}"
+        if not self._vm.running:
+            return ExitReason.ERROR, f"the VM stopped; {self._vm.diagnostics()}"
+        return None
+
+    async def _kill(self) -> None:
+        await self._vm.kill()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        with anyio.CancelScope(shield=True):
+            graceful = False
+            if self._vm.running:
+                try:
+                    with anyio.move_on_after(5):
+                        await self.channel.send({"op": "shutdown"})
+                        while not self._outcome.end:
+                            if not await self._pump_out(1.0):
+                                break
+                        if self._outcome.end:
+                            await self._vm.send_bye()
+                            graceful = self._vm.said_bye
+                except (AgentGone, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass
+            await self._vm.close(graceful=graceful)

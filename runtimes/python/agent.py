@@ -6,7 +6,8 @@ rich-output machinery (display(), results, figures, error frames) every cell reu
 the same in a one-shot box and in a session.
 
 Channel (``AGENT_PORT``): ``stdio`` (the agent's own stdin/stdout), ``virtio:<name>`` (the virtio-serial
-port of that name, found in /sys/class/virtio-ports), or a device/file path. One JSON object per line:
+port of that name, found in /sys/class/virtio-ports), ``vsock:<port>`` (a vsock connection to the host),
+or a device/file path. One JSON object per line:
 
 * host -> agent: ``{"op": "exec", "id": ID, "code": CODE}``, ``{"op": "interrupt"}``, ``{"op": "shutdown"}``
 * agent -> host: ``{"t": "ready", "pid", "python"}``; ``{"t": "stdout" | "stderr", "b": BASE64}``;
@@ -41,8 +42,16 @@ class Channel:
     """The line-framed JSON channel to the host."""
 
     def __init__(self, spec: str) -> None:
+        self._sock = None
         if spec == "stdio":
             self.rfd, self.wfd = os.dup(0), os.dup(1)
+        elif spec.startswith("vsock:"):
+            import socket
+
+            # Firecracker and libkrun: the host listens on the vsock port (CID 2 is the host).
+            self._sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            self._sock.connect((socket.VMADDR_CID_HOST, int(spec[len("vsock:"):])))
+            self.rfd = self.wfd = self._sock.fileno()
         else:
             path = spec
             if spec.startswith("virtio:"):
