@@ -399,6 +399,12 @@ class RootfsBuilder:
         """
         return await anyio.to_thread.run_sync(self.build_blocking, image_ref, Path(dest), list(shared_dirs))
 
+    async def cached(self, image_ref: str) -> BuildReport:
+        """The image's tree in the cache itself, built if missing: ``rootfs`` is shared and must never be
+        written to. For callers that only boot it (``hotbox vm``): no copy, and the ext4 image is found
+        by the fingerprint recorded at build time instead of a walk over the tree."""
+        return await anyio.to_thread.run_sync(self.build_blocking, image_ref, None, [])
+
     def _source(self, ref: str, tmpdir: Path) -> ImageSource:
         from .registry import RegistrySource
 
@@ -428,10 +434,13 @@ class RootfsBuilder:
                 log.debug("%s; trying the registry", exc)
         return RegistrySource(ref, tmpdir)
 
-    def build_blocking(self, image_ref: str, dest: Path, shared_dirs: Sequence[SharedDir] = ()) -> BuildReport:
-        """:meth:`build` for synchronous callers (blocking: docker save, downloads, extraction)."""
+    def build_blocking(self, image_ref: str, dest: Path | None, shared_dirs: Sequence[SharedDir] = ()) -> BuildReport:
+        """:meth:`build` for synchronous callers (blocking: docker save, downloads, extraction).
+
+        ``dest=None`` is :meth:`cached`: the report's ``rootfs`` is the cache's own tree.
+        """
         t0 = time.monotonic()
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        if dest is not None and dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise RootfsError(f"dest {dest} must be an empty directory (or not exist yet)")
         self.trees.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(dir=self.trees, prefix=".tmp-"))
@@ -442,28 +451,35 @@ class RootfsBuilder:
             entry = self.trees / digest.replace(":", "-")
             tree = entry / "tree"
             hit = True
-            layers = 0
             with file_lock(self.trees / f".{digest.replace(':', '-')}.lock"):
                 meta_path = entry / "meta.json"
                 if meta_path.is_file():
-                    layers = int(json.loads(meta_path.read_text()).get("layers", 0))
+                    meta = json.loads(meta_path.read_text())
                 else:
                     hit = False
                     shutil.rmtree(entry, ignore_errors=True)
                     work = tmpdir / "tree"
                     work.mkdir()
+                    layers = 0
                     for layer in source.layers():
                         with layer.open() as raw, _decompressed(raw, layer.media_type, tmpdir) as f:
                             apply_layer(f, work)
                         layers += 1
                     entry.mkdir()
                     work.rename(tree)
-                    meta_path.write_text(json.dumps({"image": image_ref, "digest": digest, "layers": layers,
-                                                     "source": source.kind, "built": time.time()}))
-            _materialize(tree, dest)
-            for sd in shared_dirs:
-                mp = _resolve(dest, _parts(sd.guest_path), follow_last=True)
-                mp.mkdir(parents=True, exist_ok=True)
+                    meta = {"image": image_ref, "digest": digest, "layers": layers, "source": source.kind,
+                            "built": time.time(), "fingerprint": tree_fingerprint(tree)[0]}
+                    tmp_meta = entry / "meta.json.tmp"
+                    tmp_meta.write_text(json.dumps(meta))
+                    tmp_meta.rename(meta_path)
+            layers = int(meta.get("layers", 0))
+            if dest is None:
+                dest = tree
+            else:
+                _materialize(tree, dest)
+                for sd in shared_dirs:
+                    mp = _resolve(dest, _parts(sd.guest_path), follow_last=True)
+                    mp.mkdir(parents=True, exist_ok=True)
             return BuildReport(image_ref=image_ref, source=source.kind, digest=digest, layers=layers, cache_hit=hit,
                                rootfs=dest, seconds=time.monotonic() - t0)
         finally:
@@ -517,6 +533,17 @@ def tree_fingerprint(root: Path) -> tuple[str, int, int]:
     return h.hexdigest(), total, count
 
 
+def _recorded_fingerprint(root: Path, cache_dir: Path) -> str | None:
+    """The fingerprint RootfsBuilder recorded for one of its own cached trees (no walk needed)."""
+    try:
+        if root.name != "tree" or root.resolve().parent.parent != (cache_dir / "rootfs").resolve():
+            return None
+        value = json.loads((root.parent / "meta.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def ext4_image(root: Path, cache_dir: Path) -> tuple[Path, str, int, bool]:
     """The cached ext4 image of directory ``root``: (image, fingerprint, size in bytes, cache hit).
 
@@ -525,8 +552,14 @@ def ext4_image(root: Path, cache_dir: Path) -> tuple[Path, str, int, bool]:
     """
     if not root.is_dir():
         raise RootfsError(f"rootfs {root} is not a directory")
-    digest, used, count = tree_fingerprint(root)
     images = cache_dir / "vm" / "images"
+    known = _recorded_fingerprint(root, cache_dir)
+    if known is not None and (images / f"{known[:32]}.ext4").is_file():
+        image = images / f"{known[:32]}.ext4"
+        with contextlib.suppress(OSError):
+            os.utime(image)
+        return image, known, image.stat().st_size, True
+    digest, used, count = tree_fingerprint(root)
     image = images / f"{digest[:32]}.ext4"
     with file_lock(images / f".{digest[:32]}.lock"):
         if image.is_file():
