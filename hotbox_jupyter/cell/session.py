@@ -30,7 +30,7 @@ from .backend import Accel, VmSession
 from .config import VmConfig
 from .guestproto import GuestOutcome, GuestStream, GuestVm
 
-__all__ = ["AgentChannel", "AgentGone", "AgentSession", "GuestAgentSession", "SessionVm"]
+__all__ = ["AgentChannel", "AgentGone", "AgentSession", "GuestAgentSession", "ProcessAgentSession", "SessionVm"]
 
 log = logging.getLogger(__name__)
 
@@ -345,3 +345,67 @@ class GuestAgentSession(AgentSession):
                 except (AgentGone, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     pass
             await self._vm.close(graceful=graceful)
+
+
+class ProcessAgentSession(AgentSession):
+    """The agent as a child process speaking over its stdin/stdout (``AGENT_PORT=stdio``).
+
+    ``argv`` is whatever starts it: ``python3 -u agent.py`` for a local agent, or
+    ``docker run -i --rm ... python3 -u /opt/hotbox/python/agent.py`` for one in a Docker box.
+    """
+
+    def __init__(self, proc: Any, channel: AgentChannel, *, backend: str, default_timeout: float | None) -> None:
+        super().__init__(channel, backend=backend, accel=None, default_timeout=default_timeout)
+        self._proc = proc
+        self._stopped = False
+
+    @classmethod
+    async def start(cls, argv: list[str], *, env: dict[str, str] | None = None, backend: str = "process",
+                    default_timeout: float | None = None, ready_timeout: float = 60.0) -> ProcessAgentSession:
+        """Start the agent and wait for its ``ready``; VmBootError if it does not answer."""
+        import os
+        import subprocess
+
+        from anyio.streams.stapled import StapledByteStream
+
+        full_env = {**os.environ, **(env or {}), "AGENT_PORT": "stdio"}
+        proc = await anyio.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+                                        env=full_env, start_new_session=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        session = cls(proc, AgentChannel(StapledByteStream(proc.stdin, proc.stdout)), backend=backend,
+                      default_timeout=default_timeout)
+        try:
+            await session.wait_ready(ready_timeout)
+        except (AgentGone, TimeoutError) as exc:
+            await session._kill()
+            await session.stop()
+            raise VmBootError(f"the agent ({' '.join(argv)}) did not answer: {exc!r}") from exc
+        return session
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and not self._dead and self._proc.returncode is None
+
+    async def _dead_reason(self) -> tuple[ExitReason, str] | None:
+        if self._proc.returncode is None:
+            return None
+        return ExitReason.ERROR, f"the agent process exited with code {self._proc.returncode}"
+
+    async def _kill(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        with anyio.CancelScope(shield=True):
+            if self._proc.returncode is None:
+                with contextlib.suppress(AgentGone), anyio.move_on_after(5):
+                    await self.channel.send({"op": "shutdown"})
+                    await self._proc.wait()
+            await self._kill()
+            await self._proc.wait()
+            with contextlib.suppress(Exception):
+                await self._proc.aclose()

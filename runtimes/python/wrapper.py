@@ -48,12 +48,12 @@ def fail(kind: str, message: str, tb: list[str] | None = None, code: int = 1) ->
 
 
 def user_traceback(exc: BaseException) -> list[str]:
-    """The traceback from the handler's frames on: the wrapper's own frames are noise to the reader."""
+    """The traceback from the handler's own frames on: the wrapper's (and asyncio's) are noise to the reader."""
+    handler = os.path.abspath(HANDLER)
     tb = exc.__traceback__
-    here = os.path.abspath(__file__)
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == here:
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != handler:
         tb = tb.tb_next
-    return traceback.format_exception(type(exc), exc, tb)
+    return traceback.format_exception(type(exc), exc, tb or exc.__traceback__)
 
 
 def read_input() -> object:
