@@ -24,21 +24,9 @@ from hotbox_jupyter.paths import runtimes_dir
 
 AGENT = runtimes_dir() / "python" / "agent.py"
 
-SEED_PY_HANDLER = '''# handler.py
-def handle(ctx):
-    """ctx is parsed JSON from the HOTCELL_INPUT env var."""
-    name = ctx.get("name", "world")
-    print(f"Processing {name}")        # goes to VmResult.console_output
-    return {"greeting": f"Hello, {name}!"}  # goes to VmResult.result
-'''
-
-SEED_JS_HANDLER = '''// handler.js
-exports.handle = async function(ctx) {
-    const name = ctx.name || "world";
-    console.log(`Processing ${name}`);          // goes to console_output
-    return { greeting: `Hello, ${name}!` };     // goes to VmResult.result
-};
-'''
+# The seed's handler examples, shipped next to the wrappers.
+SEED_PY_HANDLER = (runtimes_dir() / "python" / "examples" / "handler.py").read_text()
+SEED_JS_HANDLER = (runtimes_dir() / "node" / "examples" / "handler.js").read_text()
 
 
 async def collect(session: ProcessAgentSession, code: str, **kw: Any) -> list[Event]:
