@@ -201,11 +201,14 @@ class GuestOutcome:
         self.result_note = ""
         self.error: str | None = None
         self.end = False
+        self.guest_uptime: float | None = None  # the guest kernel's uptime when the command started
 
     def apply(self, text: str) -> None:
         word, _, rest = text.partition(" ")
         if word == "ready":
             self.ready = True
+            with contextlib.suppress(ValueError):
+                self.guest_uptime = float(rest)
         elif word == "exit":
             with contextlib.suppress(ValueError):
                 self.exit_code = int(rest)
@@ -279,7 +282,8 @@ async def guest_run_events(vm: GuestVm, config: VmConfig, info: RunInfo, boot_ti
                 if outcome.ready and not was_ready:
                     info.ready = time.monotonic()
                     run_deadline = info.ready + config.timeout
-                    events.append(Progress(f"guest up in {info.ready - vm.started:.2f} s; command started"))
+                    inside = f", {outcome.guest_uptime:.2f} s of it in the guest" if outcome.guest_uptime else ""
+                    events.append(Progress(f"guest up in {info.ready - vm.started:.2f} s{inside}; command started"))
                 if outcome.exit_code is not None and info.ended is None:
                     info.ended = time.monotonic()
         for ev in events:
