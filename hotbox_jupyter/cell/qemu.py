@@ -13,6 +13,14 @@ How a run goes (numbers are TCG on the 2-core build machine):
    2 s after start, the command's output, its exit code, an OOM, /hotcell/result.json.
 5. The command's timeout starts at ``ready``; past it QEMU is killed. Boot has its own deadline.
 
+Shared directories are virtio-fs: Debian's C ``virtiofsd`` (in qemu-system-common) works under TCG
+on ``microvm`` once the virtio-mmio devices are modern (``force-legacy=false``: libvhost-user refuses
+legacy ones) and guest RAM is a shared memfd. 9p was the alternative, but the cloud kernel has no 9p
+at all (only the generic kernel has it, as modules), and virtio-fs needs nothing beyond the modules the
+cloud kernel ships. Each virtiofsd runs in a private mount namespace over a bind mount of the source,
+read-only when asked, so ``read_only`` is enforced on the host, not by the guest's mount options.
+virtiofsd needs root; without it a run with shared directories is refused with VmmUnavailableError.
+
 Acceleration: KVM is used only when a probe guest really boots under ``-accel kvm`` (a ``/dev/kvm``
 that exists but cannot run a stock kernel, like the nested kvm-pvm of the build machines, is
 reported with QEMU's own error); otherwise TCG with ``-cpu max`` (RDRAND seeds the guest's entropy at

@@ -443,6 +443,7 @@ class RootfsBuilder:
         if dest is not None and dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise RootfsError(f"dest {dest} must be an empty directory (or not exist yet)")
         self.trees.mkdir(parents=True, exist_ok=True)
+        _drop_stale(self.trees.glob(".tmp-*"))
         tmpdir = Path(tempfile.mkdtemp(dir=self.trees, prefix=".tmp-"))
         source: ImageSource | None = None
         try:
@@ -486,6 +487,21 @@ class RootfsBuilder:
             if source is not None:
                 source.close()
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+STALE_AFTER_S = 6 * 3600
+
+
+def _drop_stale(paths: Iterator[Path]) -> None:
+    """Scratch left by a build that was killed midway (a live build touches its files far more often)."""
+    now = time.time()
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > STALE_AFTER_S:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink()
 
 
 def _materialize(tree: Path, dest: Path) -> None:
@@ -566,6 +582,7 @@ def ext4_image(root: Path, cache_dir: Path) -> tuple[Path, str, int, bool]:
             with contextlib.suppress(OSError):
                 os.utime(image)  # marks it recently used
             return image, digest, image.stat().st_size, True
+        _drop_stale(images.glob(".*.tmp"))
         mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
         if not os.access(mkfs, os.X_OK):
             raise RootfsError("mkfs.ext4 is not installed (apt-get install e2fsprogs)")

@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
                         took = f" after {info.duration:.2f} s" if info.duration else ""
                         _err(f"{ev.reason}: {ev.message}{took} (accel {info.accel})")
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
         return code
 
     return anyio.run(main)
