@@ -314,6 +314,9 @@ class GuestAgentSession(AgentSession):
     async def _dead_reason(self) -> tuple[ExitReason, str] | None:
         await self._pump_out(0.01)
         if self._outcome.exit_code is not None:
+            with anyio.move_on_after(3):  # init's last words (result, end) follow at once
+                while not self._outcome.end and await self._pump_out(1.0):
+                    pass
             code = self._outcome.exit_code
             if self._outcome.oom:
                 return ExitReason.OOM, (f"the guest ran out of memory (memory_mib={self._vm.config.memory_mib}): "

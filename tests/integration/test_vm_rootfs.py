@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 import docker
 import pytest
+from registry import registry_server
 from vm_support import (
     TINY_IMAGE,
     build_tiny_image,
     check_tiny_tree,
     drop_session_cache,  # noqa: F401 - the session-end cleanup of the caches
-    registry_server,
 )
 
 from hotbox_jupyter.cell.config import VmConfig

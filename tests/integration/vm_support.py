@@ -8,16 +8,11 @@ for docker save, extraction and mkfs, the others find everything in the cache.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,42 +106,3 @@ def check_tiny_tree(root: Path) -> None:
     assert os.readlink(root / "link") == "/etc/keep"
     assert (root / "h1").stat().st_ino == (root / "h2").stat().st_ino
     assert (root / "bin" / "busybox").stat().st_mode & 0o111
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def registry_server(root: Path) -> Iterator[str]:
-    """Debian's docker-registry on a free loopback port, storage under ``root``; yields host:port."""
-    exe = shutil.which("docker-registry")
-    if exe is None:
-        pytest.fail("docker-registry is not installed; scripts/setup.sh installs it")
-    port = _free_port()
-    root.mkdir(parents=True, exist_ok=True)
-    config = root / "config.yml"
-    config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {root}/data\n"
-                      f"http:\n  addr: 127.0.0.1:{port}\n")
-    with open(root / "registry.log", "wb") as log:
-        proc = subprocess.Popen([exe, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(urllib.error.URLError, OSError), \
-                        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1):
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"docker-registry did not start: {(root / 'registry.log').read_text()[-1000:]}")
-                time.sleep(0.1)
-            yield f"127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
