@@ -27,22 +27,20 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import ByteStream, Process
 
-from ..errors import HotcellError, VmBootError, VmmUnavailableError
-from ..events import Event
+from ..errors import VmmUnavailableError
 from ..settings import Settings, load_settings
-from .backend import Accel, BackendProbe, RootfsHandle, RunInfo, VmmBackend
+from .backend import Accel, BackendProbe, RootfsHandle, RunInfo
 from .config import VmConfig
 from .guestkernel import GuestKernel, build_initramfs, run_archive
-from .guestproto import guest_run_events, new_nonce, run_conf
-from .session import AgentChannel, GuestAgentSession
-from .vmstate import RunDir, pdeathsig_prefix, reap_orphans
+from .guestproto import new_nonce, run_conf
+from .initvm import InitBackend
+from .vmstate import RunDir, close_quietly, pdeathsig_prefix, reap_orphans, stop_process
 
 __all__ = ["FirecrackerBackend", "firecracker_config"]
 
@@ -235,26 +233,15 @@ class _FcVm:
 
     async def close(self, *, graceful: bool = True) -> None:
         with anyio.CancelScope(shield=True):
-            if self.proc is not None:
-                if self.proc.returncode is None and graceful:
-                    with anyio.move_on_after(3):
-                        await self.proc.wait()
-                if self.proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        self.proc.kill()
-                    await self.proc.wait()
-                with contextlib.suppress(Exception):
-                    await self.proc.aclose()
-            if self.agent_stream is not None:
-                with contextlib.suppress(Exception):
-                    await self.agent_stream.aclose()
+            await stop_process(self.proc, grace=3 if graceful else 0)
+            await close_quietly(self.agent_stream)
             if self._log is not None:
                 self._log.close()
             if self.rundir is not None:
                 self.rundir.remove()
 
 
-class FirecrackerBackend(VmmBackend):
+class FirecrackerBackend(InitBackend):
     """VMs with Firecracker (KVM only)."""
 
     name = "firecracker"
@@ -308,32 +295,9 @@ class FirecrackerBackend(VmmBackend):
         return RootfsHandle(backend=self.name, source=Path(rootfs), path=image, format="ext4", digest=digest,
                             size_bytes=size, cache_hit=hit)
 
-    async def run_stream(self, config: VmConfig, handle: RootfsHandle, *,
-                         info: RunInfo | None = None) -> AsyncIterator[Event]:
-        if handle.format != "ext4":
-            raise HotcellError("the firecracker backend boots ext4 images: call its prepare_rootfs()")
-        info = info if info is not None else RunInfo()
-        vm = _FcVm(self, config, handle, agent=False)
-        await vm.start(info)
-        try:
-            async for ev in guest_run_events(vm, config, info, self.BOOT_TIMEOUT):
-                yield ev
-        finally:
-            await vm.close(graceful=vm.said_bye)
+    @property
+    def boot_timeout(self) -> float:
+        return self.BOOT_TIMEOUT
 
-    async def start_session(self, config: VmConfig, handle: RootfsHandle) -> GuestAgentSession:
-        vm = _FcVm(self, config, handle, agent=True)
-        await vm.start(RunInfo())
-        try:
-            assert vm.agent_stream is not None
-            session = GuestAgentSession(vm, AgentChannel(vm.agent_stream), backend=self.name,
-                                        default_timeout=config.timeout)
-            await session.wait_guest_ready(vm.started + self.BOOT_TIMEOUT)
-            await session.wait_agent(60.0)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await vm.close(graceful=False)
-            raise
-        if not vm.running:  # pragma: no cover - the agent answered, so the VM runs
-            raise VmBootError("the VM stopped right after its agent answered")
-        return session
+    def _new_vm(self, config: VmConfig, handle: RootfsHandle, *, agent: bool) -> _FcVm:
+        return _FcVm(self, config, handle, agent=agent)

@@ -46,7 +46,7 @@ from ..settings import Settings, load_settings
 from .backend import BackendProbe, RootfsHandle, RunInfo, VmmBackend
 from .config import VmConfig
 from .session import AgentChannel, AgentSession
-from .vmstate import RunDir, pdeathsig_prefix, reap_orphans
+from .vmstate import RunDir, close_quietly, pdeathsig_prefix, reap_orphans, stop_process
 
 __all__ = ["LibkrunBackend", "find_libkrun", "worker_spec"]
 
@@ -209,16 +209,8 @@ class _KrunVm:
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
-            if self.proc is not None:
-                if self.proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        self.proc.kill()
-                await self.proc.wait()
-                with contextlib.suppress(Exception):
-                    await self.proc.aclose()
-            if self.listener is not None:
-                with contextlib.suppress(Exception):
-                    await self.listener.aclose()
+            await stop_process(self.proc)
+            await close_quietly(self.listener)
             if self.rundir is not None:
                 self.rundir.remove()
 

@@ -39,7 +39,6 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +46,8 @@ import anyio
 from anyio.abc import Process, SocketStream
 
 from ..errors import HotcellError, VmBootError, VmmUnavailableError
-from ..events import Event
 from ..settings import Settings, load_settings
-from .backend import Accel, BackendProbe, RootfsHandle, RunInfo, VmmBackend
+from .backend import Accel, BackendProbe, RootfsHandle, RunInfo
 from .config import VmConfig
 from .guestkernel import (
     BASE_MODULES,
@@ -62,9 +60,9 @@ from .guestkernel import (
     probe_initramfs,
     run_archive,
 )
-from .guestproto import guest_run_events, new_nonce, run_conf
-from .session import AgentChannel, GuestAgentSession
-from .vmstate import RunDir, pdeathsig_prefix, reap_orphans
+from .guestproto import new_nonce, run_conf
+from .initvm import InitBackend
+from .vmstate import RunDir, close_quietly, pdeathsig_prefix, reap_orphans, stop_process
 
 __all__ = ["QemuBackend", "kernel_cmdline", "kvm_probe", "kvm_status", "qemu_argv"]
 
@@ -444,34 +442,13 @@ class _Vm:
     async def close(self, *, graceful: bool = True) -> None:
         """Stop every process of the VM and remove its run directory. Never raises."""
         with anyio.CancelScope(shield=True):
-            if self.qemu is not None and self.qemu.returncode is None:
-                if graceful:
-                    with anyio.move_on_after(3):
-                        await self.qemu.wait()
-                if self.qemu.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        self.qemu.kill()
-                    await self.qemu.wait()
+            await stop_process(self.qemu, grace=3 if graceful else 0)
             for proc in self.helpers:
-                # virtiofsd exits when QEMU hangs up; give it a moment, then make sure.
-                if proc.returncode is None:
-                    with anyio.move_on_after(2):
-                        await proc.wait()
-                if proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
-            for s in (self.out, self.agent_stream, *self._listeners):
-                if s is not None:
-                    with contextlib.suppress(Exception):
-                        await s.aclose()
+                await stop_process(proc, grace=2)  # virtiofsd exits when QEMU hangs up
+            await close_quietly(self.out, self.agent_stream, *self._listeners)
             for f in self._log_files:
                 with contextlib.suppress(OSError):
                     f.close()
-            for p in [self.qemu, *self.helpers]:
-                if p is not None:
-                    with contextlib.suppress(Exception):
-                        await p.aclose()
             if self.rundir is not None:
                 self.rundir.remove()
 
@@ -481,13 +458,12 @@ class _Vm:
                 self.qemu.kill()
 
 
-class QemuBackend(VmmBackend):
+class QemuBackend(InitBackend):
     """VMs with ``qemu-system-x86_64 -M microvm``: KVM when it really works, TCG otherwise."""
 
     name = "qemu"
     #: Boot deadlines (VMM start to the command's start), overridable with HOTBOX_VM_BOOT_TIMEOUT.
     BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
-    AGENT_TIMEOUT = 60.0
 
     def __init__(self, *, accel: Accel | None = None, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
@@ -563,35 +539,5 @@ class QemuBackend(VmmBackend):
         return RootfsHandle(backend=self.name, source=Path(rootfs), path=image, format="ext4", digest=digest,
                             size_bytes=size, cache_hit=hit)
 
-    def _check_handle(self, handle: RootfsHandle) -> None:
-        if handle.format != "ext4" or not handle.path.is_file():
-            raise HotcellError(f"rootfs handle {handle.path} is not an ext4 image prepared by the qemu backend; "
-                               "call prepare_rootfs() again")
-
-    async def run_stream(self, config: VmConfig, handle: RootfsHandle, *,
-                         info: RunInfo | None = None) -> AsyncIterator[Event]:
-        self._check_handle(handle)
-        info = info if info is not None else RunInfo()
-        vm = _Vm(self, config, handle, agent=False)
-        await vm.start(info)
-        try:
-            async for ev in guest_run_events(vm, config, info, self.boot_timeout):
-                yield ev
-        finally:
-            await vm.close(graceful=vm.said_bye)
-
-    async def start_session(self, config: VmConfig, handle: RootfsHandle) -> GuestAgentSession:
-        self._check_handle(handle)
-        vm = _Vm(self, config, handle, agent=True)
-        await vm.start(RunInfo())
-        try:
-            assert vm.agent_stream is not None
-            session = GuestAgentSession(vm, AgentChannel(vm.agent_stream), backend=self.name,
-                                        default_timeout=config.timeout)
-            await session.wait_guest_ready(vm.started + self.boot_timeout)
-            await session.wait_agent(self.AGENT_TIMEOUT)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await vm.close(graceful=False)
-            raise
-        return session
+    def _new_vm(self, config: VmConfig, handle: RootfsHandle, *, agent: bool) -> _Vm:
+        return _Vm(self, config, handle, agent=agent)

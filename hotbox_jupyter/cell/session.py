@@ -29,6 +29,7 @@ from ..models import ExitReason
 from .backend import Accel, VmSession
 from .config import VmConfig
 from .guestproto import GuestOutcome, GuestStream, GuestVm
+from .vmstate import stop_process
 
 __all__ = ["AgentChannel", "AgentGone", "AgentSession", "GuestAgentSession", "ProcessAgentSession", "SessionVm"]
 
@@ -408,7 +409,4 @@ class ProcessAgentSession(AgentSession):
                 with contextlib.suppress(AgentGone), anyio.move_on_after(5):
                     await self.channel.send({"op": "shutdown"})
                     await self._proc.wait()
-            await self._kill()
-            await self._proc.wait()
-            with contextlib.suppress(Exception):
-                await self._proc.aclose()
+            await stop_process(self._proc)

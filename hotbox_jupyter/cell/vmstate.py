@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from ..owner import owner_alive, process_start_time, this_owner
 
-__all__ = ["OWNER_TOKEN", "RunDir", "pdeathsig_prefix", "reap_orphans", "vms_dir"]
+__all__ = ["OWNER_TOKEN", "RunDir", "close_quietly", "pdeathsig_prefix", "reap_orphans", "stop_process", "vms_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,32 @@ def pdeathsig_prefix() -> list[str]:
     """argv prefix that makes the started program die with its parent (SIGKILL), if setpriv exists."""
     exe = shutil.which("setpriv")
     return [exe, "--pdeathsig", "KILL", "--"] if exe else []
+
+
+async def stop_process(proc: Any, *, grace: float = 0.0) -> None:
+    """Give ``proc`` (an anyio Process, or None) ``grace`` seconds to exit, then kill it; reap it and
+    release its pipes. Shielded from cancellation (it runs in cleanups); never raises."""
+    if proc is None:
+        return
+    with anyio.CancelScope(shield=True):
+        if proc.returncode is None and grace > 0:
+            with anyio.move_on_after(grace):
+                await proc.wait()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+        with contextlib.suppress(Exception):
+            await proc.aclose()
+
+
+async def close_quietly(*resources: Any) -> None:
+    """``aclose()`` every stream or listener given (None skipped), ignoring errors: for cleanups."""
+    with anyio.CancelScope(shield=True):
+        for r in resources:
+            if r is not None:
+                with contextlib.suppress(Exception):
+                    await r.aclose()
 
 
 @dataclass
