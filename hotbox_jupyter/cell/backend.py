@@ -149,6 +149,15 @@ class VmmBackend(abc.ABC):
         once, then answers from a cache). Never raises: problems are the probe's ``reason``.
         """
 
+    @classmethod
+    def require_available(cls) -> BackendProbe:
+        """The probe, or VmmUnavailableError with its reason: what a KVM-only backend's constructor
+        calls first, so that a backend that cannot run is never handed out."""
+        probe = cls.probe()
+        if not probe.available:
+            raise VmmUnavailableError(f"backend {cls.name!r} cannot run on this host: {probe.reason}")
+        return probe
+
     @abc.abstractmethod
     async def prepare_rootfs(self, rootfs: Path, config: VmConfig) -> RootfsHandle:
         """Turn a root filesystem directory into what this VMM boots (an ext4 image for QEMU and

@@ -248,9 +248,7 @@ class FirecrackerBackend(InitBackend):
     BOOT_TIMEOUT = 30.0
 
     def __init__(self, *, settings: Settings | None = None) -> None:
-        probe = self.probe()
-        if not probe.available:
-            raise VmmUnavailableError(f"backend 'firecracker' cannot run on this host: {probe.reason}")
+        self.require_available()
         self.settings = settings or load_settings()
         self.binary = find_firecracker()
         self.kernel = find_kernel()

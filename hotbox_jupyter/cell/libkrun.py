@@ -256,9 +256,7 @@ class LibkrunBackend(VmmBackend):
     name = "libkrun"
 
     def __init__(self, *, settings: Settings | None = None) -> None:
-        probe = self.probe()
-        if not probe.available:
-            raise VmmUnavailableError(f"backend 'libkrun' cannot run on this host: {probe.reason}")
+        self.require_available()
         self.settings = settings or load_settings()
         self.lib = find_libkrun()
         reap_orphans(self.settings.state_dir)
