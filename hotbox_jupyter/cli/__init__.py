@@ -19,7 +19,8 @@ __all__ = ["main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``hotbox`` parser."""
-    parser = argparse.ArgumentParser(prog="hotbox", description="Run code in Hot Boxes (Docker) and Hotcells (microVMs).")
+    parser = argparse.ArgumentParser(
+        prog="hotbox", description="Run code in Hot Boxes (Docker) and Hotcells (microVMs).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (box, images, doctor, vm):
