@@ -299,8 +299,9 @@ class TaskManager:
         """Connect to the engine, reap leftovers of dead processes, then run boxes until :meth:`close`."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            with contextlib.suppress(EngineUnavailableError):  # warned; start() will say how to fix it
-                await self._connect(warn=True)
+            # Warned (when Hot Box is enabled: a disabled box has no use for an engine); start() says how to fix it.
+            with contextlib.suppress(EngineUnavailableError):
+                await self._connect(warn=self.settings.enabled)
             if self._engine is not None:
                 try:
                     await self._thread(self.reap)

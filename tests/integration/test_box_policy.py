@@ -156,6 +156,16 @@ def test_engine_unavailable_warns_once_and_says_how_to_fix(project: Path, monkey
     assert box.enabled() is True  # configuration questions still work without an engine
 
 
+
+def test_disabled_box_does_not_warn_about_a_missing_engine(project: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{project}/no-docker.sock")
+    monkeypatch.setenv("HOT_BOX_ENABLED", "false")
+    box._reset_for_tests()
+    with caplog.at_level(logging.WARNING, logger="hotbox_jupyter"), pytest.raises(BoxDisabledError):
+        box.start({"image": SHELL, "cmd": ["true"]})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
 # -- leaks ----------------------------------------------------------------------------------------
 
 _ORPHAN = """
