@@ -21,17 +21,14 @@ frames of ``cell.py`` (``ESC ] hotbox; <json> BEL``), decoded on the host exactl
 from __future__ import annotations
 
 import base64
-import builtins
 import io
 import json
-import linecache
 import os
 import queue
 import secrets
 import signal
 import sys
 import threading
-import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -153,10 +150,8 @@ class Agent:
         import cell  # the one-shot runner: display(), frames, figures, IPython stand-in
 
         self.cell = cell
-        cell._prepare_environment()
-        self.module = types.ModuleType("__main__")
-        self.module.__dict__.update(__builtins__=builtins, display=cell.display)
-        sys.modules["__main__"] = self.module
+        cell.prepare_environment()
+        self.module = cell.main_module()
 
     def _redirect_output(self) -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -204,38 +199,10 @@ class Agent:
                     signal.pthread_kill(self.main_ident, signal.SIGINT)
 
     def run_cell(self, code: str) -> int:
-        cell = self.cell
+        """Run one cell in the session's namespace; its status as ``cell.run_cell`` reports it."""
         self.count += 1
-        name = f"<cell-{self.count}>"
-        # cell.py's runner reads its file name from this global when it compiles and shows tracebacks.
-        cell.CELL_FILE = name
-        linecache.cache[name] = (len(code), None, code.splitlines(True), name)
-        ns = self.module.__dict__
-        status = 0
-        try:
-            has_value, value = cell._run_code(code, ns)
-            cell.show_figures()
-            if has_value and value is not None:
-                ns["_"] = value
-                data, meta = cell.mime_bundle(value)
-                if cell._is_figure(value):
-                    data = {"text/plain": data["text/plain"]}
-                cell.emit({"t": "result", "value": cell.json_value(value), "data": data, "metadata": meta})
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            if exc.code is not None and not isinstance(exc.code, int):
-                sys.stderr.write(f"{exc.code}\n")
-        except KeyboardInterrupt as exc:
-            cell.report_error(exc)
-            status = 130
-        except BaseException as exc:
-            cell.report_error(exc)
-            try:
-                cell.show_figures()
-            except Exception:
-                pass
-            status = 1
-        return status
+        # A distinct file name per cell, so a traceback shows the line from the cell it came from.
+        return self.cell.run_cell(code, self.module.__dict__, filename=f"<cell-{self.count}>")
 
     def serve(self) -> int:
         threading.Thread(target=self.reader, name="agent-reader", daemon=True).start()

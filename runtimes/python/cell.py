@@ -12,6 +12,8 @@ stdin. Standard library only, so that any image with a ``python3`` can run it.
 * An exception prints its traceback on stderr, sends an ``error`` frame and exits with code 1.
 
 Frames are ``ESC ] hotbox; <json> BEL`` on stdout (see ``hotbox_jupyter/frames.py`` on the host side).
+The session agent (``agent.py``) runs its cells through the same ``prepare_environment``, ``main_module``
+and ``run_cell``, so a cell behaves alike in a one-shot box and in a session.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import os
 import sys
 import traceback
 import types
+
+__all__ = ["CELL_FILE", "display", "main", "main_module", "prepare_environment", "run_cell", "show_figures"]
 
 FRAME_START = "\x1b]hotbox;"
 FRAME_END = "\x07"
@@ -274,7 +278,9 @@ def _print(*args: object, sep: str | None = " ", end: str | None = "\n", file: o
         stream.flush()  # type: ignore[attr-defined]
 
 
-def _prepare_environment() -> None:
+def prepare_environment() -> None:
+    """Make the process ready to run cells: writable HOME, the figure backend, display() and print as
+    builtins, the IPython.display stand-in. Called once, before the first cell (by ``main`` or the agent)."""
     # The root is read-only and the user is nobody (HOME=/nonexistent): libraries that write caches
     # (matplotlib's font cache, pip, ...) need a writable HOME.
     home = os.environ.get("HOME", "")
@@ -289,19 +295,28 @@ def _prepare_environment() -> None:
     sys.meta_path.append(_IPythonStandIn())  # type: ignore[arg-type]
 
 
-def _user_traceback(exc: BaseException) -> list[str]:
+def main_module(**names: object) -> types.ModuleType:
+    """A fresh ``__main__`` for the user's code, installed in ``sys.modules`` (pickle and dataclasses look
+    classes up there), with ``display`` and ``names`` (such as ``ctx``) already defined."""
+    module = types.ModuleType("__main__")
+    module.__dict__.update(__builtins__=builtins, display=display, **names)
+    sys.modules["__main__"] = module
+    return module
+
+
+def _user_traceback(exc: BaseException, filename: str) -> list[str]:
     """The traceback from the cell's own frames on, as IPython shows it (the runner's frames hidden)."""
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILE:
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
     if isinstance(exc, SyntaxError) or tb is None:
         return traceback.format_exception_only(type(exc), exc)
     return traceback.format_exception(type(exc), exc, tb)
 
 
-def report_error(exc: BaseException) -> None:
+def report_error(exc: BaseException, filename: str = CELL_FILE) -> None:
     """Traceback on stderr for the console, and an ``error`` frame for the notebook."""
-    lines = _user_traceback(exc)
+    lines = _user_traceback(exc, filename)
     _flush_streams()
     sys.stderr.write("".join(lines))
     sys.stderr.flush()
@@ -310,9 +325,9 @@ def report_error(exc: BaseException) -> None:
           "traceback": [line.rstrip("\n") for line in lines]})
 
 
-def _run_code(code: str, ns: dict) -> tuple[bool, object]:
+def _run_code(code: str, ns: dict, filename: str) -> tuple[bool, object]:
     """Execute the cell; return (has_value, value of the final expression)."""
-    tree = ast.parse(code, CELL_FILE, "exec")
+    tree = ast.parse(code, filename, "exec")
     last: ast.Expression | None = None
     # Like IPython, a final expression is the cell's value unless a ';' silences it.
     if tree.body and isinstance(tree.body[-1], ast.Expr) and not code.rstrip().endswith(";"):
@@ -321,7 +336,7 @@ def _run_code(code: str, ns: dict) -> tuple[bool, object]:
     for node, mode in ((tree, "exec"), (last, "eval")):
         if node is None:
             continue
-        compiled = compile(node, CELL_FILE, mode, flags=flags)
+        compiled = compile(node, filename, mode, flags=flags)
         value = eval(compiled, ns)
         if compiled.co_flags & 0x80:  # CO_COROUTINE: the cell used top-level await
             import asyncio
@@ -332,26 +347,20 @@ def _run_code(code: str, ns: dict) -> tuple[bool, object]:
     return False, None
 
 
-def main() -> int:
-    """Run the cell on stdin; the exit code is 0, the code's own ``sys.exit`` code, 1 on error, 130 on ^C."""
-    _prepare_environment()
-    code = sys.stdin.read()
-    try:
-        ctx = json.loads(os.environ.get("HOTCELL_INPUT") or "{}")
-    except ValueError as exc:
-        _warn(f"HOTCELL_INPUT is not JSON: {exc}")
-        return 2
-    linecache.cache[CELL_FILE] = (len(code), None, code.splitlines(True), CELL_FILE)
-    main_mod = types.ModuleType("__main__")
-    main_mod.__dict__.update(__builtins__=builtins, ctx=ctx, display=display)
-    sys.modules["__main__"] = main_mod
-    # The cell's code may read stdin; what it finds there is the empty rest of the cell text.
+def run_cell(code: str, namespace: dict, *, filename: str = CELL_FILE) -> int:
+    """Run one cell in ``namespace`` and send what it shows: output, figures, its value as a ``result``
+    frame, an exception as an ``error`` frame. Used by ``main`` (one cell per process) and by the
+    session agent (many cells, one namespace, a distinct ``filename`` per cell for tracebacks).
+
+    Returns the cell's status: 0, the code's own ``sys.exit`` code, 1 on an exception, 130 on ^C.
+    """
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     status = 0
     try:
-        has_value, value = _run_code(code, main_mod.__dict__)
+        has_value, value = _run_code(code, namespace, filename)
         show_figures()
         if has_value and value is not None:
-            main_mod.__dict__["_"] = value
+            namespace["_"] = value
             data, meta = mime_bundle(value)
             if _is_figure(value):
                 data = {"text/plain": data["text/plain"]}  # already shown as a figure above
@@ -365,15 +374,28 @@ def main() -> int:
             status = 1
         show_figures()
     except KeyboardInterrupt as exc:
-        report_error(exc)
+        report_error(exc, filename)
         status = 130
     except BaseException as exc:
-        report_error(exc)
+        report_error(exc, filename)
         with contextlib.suppress(Exception):
             show_figures()
         status = 1
     _flush_streams()
     return status
+
+
+def main() -> int:
+    """Run the cell on stdin; the exit code is 0, the code's own ``sys.exit`` code, 1 on error, 130 on ^C."""
+    prepare_environment()
+    code = sys.stdin.read()
+    try:
+        ctx = json.loads(os.environ.get("HOTCELL_INPUT") or "{}")
+    except ValueError as exc:
+        _warn(f"HOTCELL_INPUT is not JSON: {exc}")
+        return 2
+    # The cell's code may read stdin; what it finds there is the empty rest of the cell text.
+    return run_cell(code, main_module(ctx=ctx).__dict__)
 
 
 if __name__ == "__main__":
