@@ -52,6 +52,7 @@ from .errors import ConfigError, EngineUnavailableError, ImageError
 from .models import HotModel
 from .paths import GUEST_RUNTIMES, runtimes_dir
 from .policy import check_image
+from .procs import stop_popen
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -431,12 +432,7 @@ def _build_root(r: ImageRecipe, cache: Path, use_cache: bool, progress: Progress
                 _say(progress, f"[{r.name}]     {line}")
         rc = proc.wait()
     except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_popen(proc)
         partial.unlink(missing_ok=True)
         raise
     finally:

@@ -1,6 +1,6 @@
 """Pulling a missing image from a registry, against a real registry server on loopback.
 
-The fixture starts Debian's ``docker-registry`` (installed by scripts/setup.sh) on 127.0.0.1 with its
+The fixture starts Debian's ``docker-registry`` (``registry.registry_server``) on 127.0.0.1 with its
 storage in a temporary directory; dockerd treats 127.0.0.0/8 as an insecure registry, so no TLS is
 needed. The image pushed there has a layer of random bytes, so that pulling it back really downloads
 something (the Debian layer underneath is reported as already present).
@@ -13,18 +13,14 @@ import ctypes
 import io
 import os
 import re
-import shutil
-import socket
-import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
-import requests
+from registry import free_port, registry_server
 
 from hotbox_jupyter.errors import ConfigError, ImageDeniedError, ImageError
 from hotbox_jupyter.images import _explain, ensure_image, image_state, pull_image
@@ -42,12 +38,6 @@ def client() -> Iterator[docker.DockerClient]:
     c.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _bcrypt(password: str) -> str:
     """A bcrypt hash for the registry's htpasswd, from the system's libcrypt (libxcrypt has bcrypt)."""
     lib = ctypes.CDLL("libcrypt.so.1")
@@ -59,53 +49,10 @@ def _bcrypt(password: str) -> str:
     return str(lib.crypt(password.encode(), salt).decode())
 
 
-@contextlib.contextmanager
-def _registry(root: Path, htpasswd: str | None = None) -> Iterator[str]:
-    exe = shutil.which("docker-registry")
-    if exe is None:
-        pytest.fail("docker-registry is not installed; scripts/setup.sh installs it")
-    port = _free_port()
-    root.mkdir(parents=True, exist_ok=True)
-    auth = ""
-    if htpasswd is not None:
-        (root / "htpasswd").write_text(htpasswd + "\n")
-        auth = f"auth:\n  htpasswd:\n    realm: hotbox-test\n    path: {root / 'htpasswd'}\n"
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: warn\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n" + auth
-    )
-    log = open(root / "registry.log", "wb")  # noqa: SIM115 - closed below, after the process
-    proc = subprocess.Popen([exe, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code in (200, 401):
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"docker-registry did not come up: {(root / 'registry.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """host:port of a registry on loopback, for this module."""
-    with _registry(tmp_path_factory.mktemp("registry")) as addr:
+    with registry_server(tmp_path_factory.mktemp("registry")) as addr:
         yield addr
 
 
@@ -196,14 +143,14 @@ def test_missing_image_in_registry_is_a_clear_image_error(client: docker.DockerC
 
 
 def test_unreachable_registry_says_so(client: docker.DockerClient) -> None:
-    ref = f"127.0.0.1:{_free_port()}/hotbox-test/shell:1"
+    ref = f"127.0.0.1:{free_port()}/hotbox-test/shell:1"
     with pytest.raises(ImageError, match=r"is not reachable .*hotbox images build"):
         ensure_image(client, ref)
 
 
 def test_registry_that_wants_a_login_says_docker_login(client: docker.DockerClient,
                                                        tmp_path: Path) -> None:
-    with _registry(tmp_path / "auth", htpasswd=f"hotbox:{_bcrypt('secret')}") as addr:
+    with registry_server(tmp_path / "auth", htpasswd=f"hotbox:{_bcrypt('secret')}") as addr:
         ref = f"{addr}/hotbox-test/private:1"
         with pytest.raises(ImageError, match=rf"log in with `docker login {addr}`"):
             ensure_image(client, ref)
