@@ -158,6 +158,26 @@ class VmmBackend(abc.ABC):
             raise VmmUnavailableError(f"backend {cls.name!r} cannot run on this host: {probe.reason}")
         return probe
 
+    @classmethod
+    def _kvm_only_probe(cls, find_parts: Callable[[], str], *, needs_kvm: str) -> BackendProbe:
+        """The probe of a backend that runs on KVM only (Firecracker, libkrun): ``find_parts`` finds (and
+        tries) its programs and says what it found, or raises VmmUnavailableError; then KVM must work.
+        Either way the reason says what KVM's state is, so that installing the VMM is not the whole fix
+        where KVM is broken too. ``needs_kvm`` opens the reason when only KVM is missing; ``{found}`` in
+        it stands for what ``find_parts`` found."""
+        from .qemu import kvm_status
+
+        try:
+            found = find_parts()
+        except VmmUnavailableError as exc:
+            ok, why = kvm_status()
+            kvm = "" if ok else f"; and KVM is unusable here: {why}"
+            return BackendProbe(name=cls.name, available=False, reason=f"{exc}{kvm}")
+        ok, why = kvm_status()
+        if not ok:
+            return BackendProbe(name=cls.name, available=False, reason=f"{needs_kvm.format(found=found)}: {why}")
+        return BackendProbe(name=cls.name, available=True, accel="kvm", reason=f"{found}; {why}")
+
     @abc.abstractmethod
     async def prepare_rootfs(self, rootfs: Path, config: VmConfig) -> RootfsHandle:
         """Turn a root filesystem directory into what this VMM boots (an ext4 image for QEMU and

@@ -257,24 +257,16 @@ class FirecrackerBackend(InitBackend):
 
     @classmethod
     def probe(cls) -> BackendProbe:
-        from .qemu import kvm_status
+        def find_parts() -> str:
+            exe, kernel = find_firecracker(), find_kernel()
+            try:
+                out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise VmmUnavailableError(f"{exe} does not run: {exc}") from exc
+            version = out.partition("\n")[0]
+            return f"{version}; kernel {kernel}"
 
-        try:
-            exe = find_firecracker()
-            kernel = find_kernel()
-        except VmmUnavailableError as exc:
-            ok, why = kvm_status()
-            kvm = "" if ok else f"; and KVM is unusable here: {why}"
-            return BackendProbe(name=cls.name, available=False, reason=f"{exc}{kvm}")
-        ok, why = kvm_status()
-        if not ok:
-            return BackendProbe(name=cls.name, available=False, reason=f"Firecracker needs working KVM: {why}")
-        try:
-            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
-            version = out.split("\n")[0]
-        except (OSError, subprocess.SubprocessError) as exc:
-            return BackendProbe(name=cls.name, available=False, reason=f"{exe} does not run: {exc}")
-        return BackendProbe(name=cls.name, available=True, accel="kvm", reason=f"{version}; kernel {kernel}; {why}")
+        return cls._kvm_only_probe(find_parts, needs_kvm="Firecracker needs working KVM")
 
     async def _ensure(self) -> tuple[Path, Path]:
         if self._base is None:

@@ -263,20 +263,12 @@ class LibkrunBackend(VmmBackend):
 
     @classmethod
     def probe(cls) -> BackendProbe:
-        from .qemu import kvm_status
-
-        try:
+        def find_parts() -> str:
             path = find_libkrun()
             load_libkrun(path)
-        except VmmUnavailableError as exc:
-            ok, why = kvm_status()
-            kvm = "" if ok else f"; and KVM is unusable here: {why}"
-            return BackendProbe(name=cls.name, available=False, reason=f"{exc}{kvm}")
-        ok, why = kvm_status()
-        if not ok:
-            return BackendProbe(name=cls.name, available=False,
-                                reason=f"{path} loads, but libkrun needs working KVM: {why}")
-        return BackendProbe(name=cls.name, available=True, accel="kvm", reason=f"{path}; {why}")
+            return str(path)
+
+        return cls._kvm_only_probe(find_parts, needs_kvm="{found} loads, but libkrun needs working KVM")
 
     async def prepare_rootfs(self, rootfs: Path, config: VmConfig) -> RootfsHandle:
         from .rootfs import tree_fingerprint
