@@ -21,6 +21,7 @@ frames of ``cell.py`` (``ESC ] hotbox; <json> BEL``), decoded on the host exactl
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -166,19 +167,15 @@ class Agent:
             pump.start()
             self.pumps.append(pump)
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(AttributeError, io.UnsupportedOperation):
                 stream.reconfigure(line_buffering=True, write_through=True)  # type: ignore[union-attr]
-            except (AttributeError, io.UnsupportedOperation):
-                pass
 
     def sync_output(self) -> None:
         """Return once everything the cell wrote to fd 1 and 2 has been sent to the host."""
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
-        for pump, fd in zip(self.pumps, (1, 2)):
+        for pump, fd in zip(self.pumps, (1, 2), strict=True):
             pump.synced.clear()
             os.write(fd, self.marker)
         for pump in self.pumps:
@@ -194,9 +191,8 @@ class Agent:
                 return
             if op == "exec":
                 self.requests.put(msg)
-            elif op == "interrupt":
-                if self.running.is_set():
-                    signal.pthread_kill(self.main_ident, signal.SIGINT)
+            elif op == "interrupt" and self.running.is_set():
+                signal.pthread_kill(self.main_ident, signal.SIGINT)
 
     def run_cell(self, code: str) -> int:
         """Run one cell in the session's namespace; its status as ``cell.run_cell`` reports it."""

@@ -56,7 +56,7 @@ def test_byte_by_byte_and_random_chunks() -> None:
     rnd = random.Random(7)
     for _ in range(50):
         cuts = sorted(rnd.sample(range(1, len(STREAM)), 6))
-        parts = [STREAM[a:b] for a, b in zip([0, *cuts], [*cuts, len(STREAM)])]
+        parts = [STREAM[a:b] for a, b in zip([0, *cuts], [*cuts, len(STREAM)], strict=True)]
         assert _decode(parts) == EXPECTED
 
 

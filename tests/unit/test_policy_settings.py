@@ -44,7 +44,7 @@ def test_enabled_from_config_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyP
     s = load_settings(sub)
     assert s.enabled and s.enabled_source == "HOT_BOX_ENABLED"
     monkeypatch.setenv("HOT_BOX_ENABLED", "maybe")
-    with pytest.raises(ConfigError, match="HOT_BOX_ENABLED='maybe'.*true or false"):
+    with pytest.raises(ConfigError, match=r"HOT_BOX_ENABLED='maybe'.*true or false"):
         load_settings(sub)
 
 
