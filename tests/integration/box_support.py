@@ -26,13 +26,6 @@ NODE = "hotbox/node"
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[docker.DockerClient]:
-    c = docker.from_env()
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def images() -> None:
     """The local images the tests run (built from Debian packages if missing, as setup.sh does)."""
     c = docker.from_env()

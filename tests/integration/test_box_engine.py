@@ -23,7 +23,7 @@ from hotbox_jupyter.events import DisplayData, Exit, ResultValue, StderrChunk, S
 from hotbox_jupyter.frames import encode_frame
 
 pytestmark = pytest.mark.docker
-client, images, project = box_support.client, box_support.images, box_support.project  # fixtures
+images, project = box_support.images, box_support.project  # fixtures
 
 
 def _text(events: list[Any], kind: type = StdoutChunk) -> str:

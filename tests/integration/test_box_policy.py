@@ -29,7 +29,7 @@ from hotbox_jupyter.errors import (
 from hotbox_jupyter.owner import LABEL_TASK
 
 pytestmark = pytest.mark.docker
-client, images, project = box_support.client, box_support.images, box_support.project  # fixtures
+images, project = box_support.images, box_support.project  # fixtures
 
 
 def _nothing_started(client: docker.DockerClient) -> None:

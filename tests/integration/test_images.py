@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -37,13 +36,6 @@ from hotbox_jupyter.paths import runtimes_dir
 pytestmark = pytest.mark.docker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[docker.DockerClient]:
-    c = docker.from_env(timeout=600)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

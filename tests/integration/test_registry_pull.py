@@ -31,13 +31,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.registry]
 PAYLOAD_MB = 6
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[docker.DockerClient]:
-    c = docker.from_env(timeout=300)
-    yield c
-    c.close()
-
-
 def _bcrypt(password: str) -> str:
     """A bcrypt hash for the registry's htpasswd, from the system's libcrypt (libxcrypt has bcrypt)."""
     lib = ctypes.CDLL("libcrypt.so.1")

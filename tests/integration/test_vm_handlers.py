@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import tarfile
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -30,13 +29,6 @@ LANGS = {
     "python": (PYTHON_IMAGE, ("wrapper.py", "examples/handler.py"), ["python3", "/opt/hotcell/wrapper.py"]),
     "node": (NODE_IMAGE, ("wrapper.js", "examples/handler.js"), ["node", "/opt/hotcell/wrapper.js"]),
 }
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[docker.DockerClient]:
-    c = docker.from_env(timeout=600)
-    yield c
-    c.close()
 
 
 def build_handler_image(client: docker.DockerClient, lang: str) -> str:

@@ -28,13 +28,6 @@ pytestmark = [pytest.mark.docker]
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[docker.DockerClient]:
-    c = docker.from_env(timeout=300)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def tiny(client: docker.DockerClient) -> Iterator[Any]:
     image = build_tiny_image(client)
     yield image

@@ -17,9 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 from vm_support import (
-    PYTHON_IMAGE,
     drop_session_cache,  # noqa: F401 - the session-end cleanup of the caches
-    prepare,
     run_dirs,
     vm_processes,
 )
@@ -33,16 +31,6 @@ from hotbox_jupyter.models import ExitReason
 from hotbox_jupyter.paths import runtimes_dir
 
 pytestmark = [pytest.mark.vm, pytest.mark.docker, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def backend() -> QemuBackend:
-    return QemuBackend()
-
-
-@pytest.fixture(scope="module")
-def handle(backend: QemuBackend) -> RootfsHandle:
-    return prepare(backend, PYTHON_IMAGE)
 
 
 def run(backend: QemuBackend, handle: RootfsHandle, config: VmConfig) -> VmResult:

@@ -11,7 +11,6 @@ from vm_support import (
     PYTHON_IMAGE,
     docker_labels,
     drop_session_cache,  # noqa: F401 - the session-end cleanup of the caches
-    prepare,
     run_dirs,
     vm_processes,
 )
@@ -25,16 +24,6 @@ from hotbox_jupyter.models import ExitReason
 from hotbox_jupyter.paths import GUEST_RUNTIMES, runtimes_dir
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def backend() -> QemuBackend:
-    return QemuBackend()
-
-
-@pytest.fixture(scope="module")
-def handle(backend: QemuBackend) -> RootfsHandle:
-    return prepare(backend, PYTHON_IMAGE)
 
 
 async def collect(session: VmSession, code: str, **kw: object) -> list[Event]:
