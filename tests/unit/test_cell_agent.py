@@ -6,6 +6,7 @@ the way it runs in a Docker box.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -87,6 +88,24 @@ def test_agent_interrupt_and_timeout_keep_the_namespace(tmp_path: Path) -> None:
             assert ResultValue(value="yes", data={"text/plain": "'yes'"}) in await collect(session, "kept")
 
     anyio.run(go)
+
+
+def test_agent_runs_cells_through_the_public_surface_of_cell_py() -> None:
+    """The agent reuses the one-shot runner through its ``__all__`` only, so that the runner's insides
+    can change without breaking sessions; the surface itself is pinned here."""
+    cell_tree = ast.parse((AGENT.parent / "cell.py").read_text())
+    public = next(ast.literal_eval(node.value) for node in cell_tree.body
+                  if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"])
+    assert sorted(public) == ["CELL_FILE", "display", "main", "main_module", "prepare_environment", "run_cell",
+                              "show_figures"]
+
+    def is_cell(node: ast.expr) -> bool:  # `cell` or `self.cell`
+        return (isinstance(node, ast.Name) and node.id == "cell") or (isinstance(node, ast.Attribute)
+                                                                      and node.attr == "cell")
+
+    used = {node.attr for node in ast.walk(ast.parse(AGENT.read_text()))
+            if isinstance(node, ast.Attribute) and is_cell(node.value)}
+    assert used and used <= set(public), used - set(public)
 
 
 def _wrapper_env(tmp_path: Path, handler: Path, payload: str | None) -> dict[str, str]:
