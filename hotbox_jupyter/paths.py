@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["GUEST_RUNTIMES", "runtimes_dir"]
+__all__ = ["GUEST_RUNTIMES", "kernelspec_dir", "runtimes_dir"]
 
 # Where the runtimes directory appears inside every box and VM (read-only).
 GUEST_RUNTIMES = "/opt/hotbox"
@@ -27,3 +27,7 @@ def runtimes_dir() -> Path:
     """Host path of the guest runtimes (python/, node/, bin/hotbox)."""
     return _shipped("_runtimes", "runtimes")
 
+
+def kernelspec_dir() -> Path:
+    """Host path of the shipped kernelspecs (``hotcell-python/kernel.json``)."""
+    return _shipped("_kernelspec", "kernelspec")

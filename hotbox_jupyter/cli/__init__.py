@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import HotboxError
-from . import box, doctor, images, vm
+from . import box, doctor, images, kernel, vm
 
 __all__ = ["main"]
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hotbox", description="Run code in Hot Boxes (Docker) and Hotcells (microVMs).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (box, images, doctor, vm):
+    for module in (box, images, doctor, vm, kernel):
         module.register(sub)
     return parser
 
