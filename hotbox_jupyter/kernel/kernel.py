@@ -90,7 +90,7 @@ class HotcellKernel(Kernel):
     banner = "Hotcell Python: every cell runs in a QEMU microVM (the first cell boots it)"
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._session: VmSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
@@ -138,7 +138,7 @@ class HotcellKernel(Kernel):
         except HotboxError as exc:
             cell.fail(type(exc).__name__, f"the microVM could not be started: {exc}")
             return cell.reply()
-        except Exception as exc:  # noqa: BLE001 - whatever broke, the cell says why instead of hanging
+        except Exception as exc:  # whatever broke, the cell says why instead of hanging
             self.log.exception("booting the microVM failed")
             cell.fail(type(exc).__name__, f"the microVM could not be started: {exc!r}")
             return cell.reply()
@@ -153,9 +153,9 @@ class HotcellKernel(Kernel):
         return cell.reply()
 
     def _publish(self, msg_type: str, content: dict[str, Any]) -> None:
-        self.send_response(self.iopub_socket, msg_type, content)
+        self.send_response(self.iopub_socket, msg_type, content)  # type: ignore[no-untyped-call]
 
-    async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:  # type: ignore[override]
+    async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
         """Forward the interrupt into the VM; never signal (see the module's docstring)."""
         if not self.session:
             return
@@ -194,6 +194,6 @@ class HotcellKernel(Kernel):
         return {"status": "ok", "matches": matches, "cursor_start": cursor_pos - len(prefix),
                 "cursor_end": cursor_pos, "metadata": {}}
 
-    async def do_inspect(self, code: str, cursor_pos: int, detail_level: int = 0,  # type: ignore[override]
+    async def do_inspect(self, code: str, cursor_pos: int, detail_level: int = 0,
                          omit_sections: tuple[str, ...] = ()) -> dict[str, Any]:
         return {"status": "ok", "found": False, "data": {}, "metadata": {}}
