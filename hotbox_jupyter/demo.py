@@ -1,7 +1,8 @@
 """``python -m hotbox_jupyter.demo``: run the demo notebooks against a real kernel and show what they produced.
 
-Each notebook is executed with nbclient in a fresh ``python3`` kernel (the one users have), in the
-notebook's own directory, exactly as "Run all" would; then every code cell is printed with a readable
+Each notebook is executed with nbclient in a fresh kernel of the kind it names (``python3``, the one
+users have, or ``hotcell-python``, whose kernelspec is installed for the run when Jupyter has none), in
+the notebook's own directory, exactly as "Run all" would; then every code cell is printed with a readable
 summary of its outputs. The exit code is non-zero when a cell fails or a notebook cannot run, so the
 demo doubles as an end-to-end check in CI.
 """
@@ -9,9 +10,11 @@ demo doubles as an end-to-end check in CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +75,18 @@ def run_notebook(path: Path, *, kernel: str | None, timeout: int, save: Path | N
     """
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
 
     read: Any = nbformat.read
     write: Any = nbformat.write
     nb = read(path, as_version=4)
     kernel = kernel or nb.metadata.get("kernelspec", {}).get("name") or "python3"
-    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel,
-                            resources={"metadata": {"path": str(path.parent)}})
-    print(f"== {path} (kernel {kernel})")
-    t0 = time.monotonic()
-    ok = True
-    try:
-        client.execute()
-    except CellExecutionError as exc:
-        ok = False
-        failure = str(exc)
-    except Exception as exc:  # the kernel died or never started: still print what ran
-        ok = False
-        failure = f"{type(exc).__name__}: {exc}"
+    with contextlib.ExitStack() as stack:
+        km = stack.enter_context(_hotcell_kernel_manager()) if kernel == "hotcell-python" else None
+        client = NotebookClient(nb, timeout=timeout, kernel_name=kernel, km=km,
+                                resources={"metadata": {"path": str(path.parent)}})
+        print(f"== {path} (kernel {kernel})")
+        t0 = time.monotonic()
+        ok, failure = _execute(client)
     print(summarize(nb))
     if save is not None:
         write(nb, save)
@@ -99,6 +95,45 @@ def run_notebook(path: Path, *, kernel: str | None, timeout: int, save: Path | N
     else:
         print(f"== FAILED: {path.name}\n{_clip(failure, '   ')}")
     return ok
+
+
+@contextlib.contextmanager
+def _hotcell_kernel_manager() -> Iterator[Any]:
+    """A KernelManager for the Hotcell Python kernel: the installed kernelspec when Jupyter finds one,
+    else the shipped one installed into a temporary directory for this run (nothing left behind)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    from .kernel import KERNEL_NAME
+    from .kernel.install import install, is_installed
+
+    with tempfile.TemporaryDirectory(prefix="hotcell-demo-") as tmp:
+        if is_installed():
+            km = KernelManager(kernel_name=KERNEL_NAME)
+        else:
+            ksm = KernelSpecManager(kernel_dirs=[str(Path(tmp) / "share" / "jupyter" / "kernels")])
+            install(prefix=tmp, ksm=ksm)
+            print(f"   (kernelspec {KERNEL_NAME} installed for this run only; `hotbox kernel install --user` keeps it)")
+            km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm)
+        try:
+            yield km
+        finally:
+            # nbclient leaves a kernel it was given running: a shutdown request stops its microVM.
+            if km.has_kernel:
+                km.shutdown_kernel(now=False)
+
+
+def _execute(client: Any) -> tuple[bool, str]:
+    """Run every cell; (True, "") or (False, why it stopped)."""
+    from nbclient.exceptions import CellExecutionError
+
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        return False, str(exc)
+    except Exception as exc:  # the kernel died or never started: still print what ran
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
