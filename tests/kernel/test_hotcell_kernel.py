@@ -21,6 +21,7 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+from hotbox_jupyter import demo
 from hotbox_jupyter.kernel import KERNEL_NAME
 from hotbox_jupyter.kernel.install import install
 
@@ -217,3 +218,13 @@ def test_a_vm_that_cannot_boot_makes_each_cell_an_error(tmp_path: Path) -> None:
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+
+
+@pytest.mark.slow
+def test_demo_notebook_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (notebook,) = [p for p in demo.default_notebooks() if p.name == "hotcell_kernel_demo.ipynb"]
+    code = demo.main([str(notebook), "--save", str(tmp_path / "executed.ipynb")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "(kernel hotcell-python)" in printed and "booting microVM" in printed
+    assert "image/png" in printed and "counter is still 42" in printed
