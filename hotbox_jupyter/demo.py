@@ -128,7 +128,8 @@ def _execute(client: Any) -> tuple[bool, str]:
     from nbclient.exceptions import CellExecutionError
 
     try:
-        client.execute()
+        # cleanup_kc: stop the client's channels and the kernel even when the kernel manager was given.
+        client.execute(cleanup_kc=True)
     except CellExecutionError as exc:
         return False, str(exc)
     except Exception as exc:  # the kernel died or never started: still print what ran
