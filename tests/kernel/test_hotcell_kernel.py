@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import queue
 import signal
 import subprocess
 import time
@@ -22,6 +21,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
+from kernel_protocol import execute
 
 from hotbox_jupyter import demo
 from hotbox_jupyter.kernel import KERNEL_NAME
@@ -66,30 +66,6 @@ def kernel(kernelspecs: KernelSpecManager) -> Iterator[tuple[KernelManager, Bloc
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(line.split()[0]), signal.SIGKILL)
         assert not leaked, f"VM processes left behind by the kernel: {leaked}"
-
-
-def execute(kc: BlockingKernelClient, code: str, *, timeout: float = 150,
-            on_message: Any = None) -> dict[str, Any]:
-    """Run ``code``; the reply content plus ``messages``: (receive time, iopub message) of this request."""
-    msg_id = kc.execute(code)
-    messages: list[tuple[float, dict[str, Any]]] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            raise AssertionError(f"no idle within {timeout}s; got {[m['msg_type'] for _, m in messages]}") from None
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        messages.append((time.monotonic(), msg))
-        if on_message is not None:
-            on_message(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    reply = kc.get_shell_msg(timeout=30)
-    while reply["parent_header"].get("msg_id") != msg_id:
-        reply = kc.get_shell_msg(timeout=30)
-    return {**reply["content"], "messages": messages}
 
 
 def of_type(result: dict[str, Any], msg_type: str) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import docker
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
+from kernel_protocol import execute
 
 from hotbox_jupyter import demo
 from hotbox_jupyter.owner import LABEL_MANAGED, LABEL_OWNER_PID
@@ -52,30 +53,6 @@ def kernel() -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
     # The kernel owns its boxes (labelled with its pid, not pytest's): check them here.
     leaked = _kernel_containers(pid)
     assert not leaked, f"containers left behind by the kernel: {leaked}"
-
-
-def execute(kc: BlockingKernelClient, code: str, *, timeout: float = 120,
-            on_message: Any = None) -> dict[str, Any]:
-    """Run ``code``; return the reply content plus ``messages``: (receive time, iopub message) of this request."""
-    msg_id = kc.execute(code)
-    messages: list[tuple[float, dict[str, Any]]] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            raise AssertionError(f"no idle within {timeout}s; got {[m['msg_type'] for _, m in messages]}") from None
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        messages.append((time.monotonic(), msg))
-        if on_message is not None:
-            on_message(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    reply = kc.get_shell_msg(timeout=30)
-    while reply["parent_header"].get("msg_id") != msg_id:
-        reply = kc.get_shell_msg(timeout=30)
-    return {**reply["content"], "messages": messages}
 
 
 def streams(result: dict[str, Any], name: str = "stdout") -> list[tuple[float, str]]:
