@@ -20,6 +20,7 @@ __all__ = [
     "LABEL_TASK",
     "OwnerId",
     "owner_alive",
+    "process_running",
     "process_start_time",
     "this_owner",
 ]
@@ -32,16 +33,28 @@ LABEL_TASK = "io.hotbox.task-id"
 LABEL_PROJECT = "io.hotbox.project"
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if no such process."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None if no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # The command name may contain spaces and parentheses: fields resume after the last ')'.
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return fields[19].decode() if len(fields) > 19 else None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if no such process."""
+    fields = _stat_fields(pid)
+    return fields[19].decode() if fields is not None and len(fields) > 19 else None
+
+
+def process_running(pid: int, start: str) -> bool:
+    """``pid`` is the process that started at ``start`` (not a reused pid) and is not a zombie."""
+    fields = _stat_fields(pid)
+    return (fields is not None and len(fields) > 19 and fields[19].decode() == start
+            and fields[0] != b"Z")
 
 
 class OwnerId(tuple[int, str, str]):

@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 
-from ..owner import owner_alive, process_start_time, this_owner
+from ..owner import owner_alive, process_running, process_start_time, this_owner
 
 __all__ = ["OWNER_TOKEN", "RunDir", "close_quietly", "pdeathsig_prefix", "reap_orphans", "stop_process", "vms_dir"]
 
@@ -111,23 +111,11 @@ class RunDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _running(pid: int, start: str) -> bool:
-    """The recorded process still runs: same start time (not a reused pid) and not a zombie."""
-    if process_start_time(pid) != start:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:][:1] != b"Z"
-
-
 def _kill_recorded(procs: list[dict[str, Any]]) -> list[int]:
     killed = []
     for p in procs:
         pid, start = p.get("pid"), p.get("start")
-        if isinstance(pid, int) and pid > 0 and start and _running(pid, start):
+        if isinstance(pid, int) and pid > 0 and start and process_running(pid, start):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
