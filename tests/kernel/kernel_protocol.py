@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager
+
+
+@contextlib.contextmanager
+def running_kernel(km: KernelManager) -> Iterator[tuple[BlockingKernelClient, int]]:
+    """Start ``km``'s kernel, yield (ready client, kernel pid); stop channels and kernel afterwards.
+
+    The pid is what the kernel's own sandboxes are labelled with, for the caller's leak checks.
+    """
+    km.start_kernel(env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    kc = km.client()
+    kc.start_channels()
+    pid = km.provisioner.process.pid  # type: ignore[union-attr]
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield kc, pid
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=False)
 
 
 def execute(kc: BlockingKernelClient, code: str, *, timeout: float = 150,

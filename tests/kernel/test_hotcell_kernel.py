@@ -21,7 +21,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
-from kernel_protocol import execute
+from kernel_protocol import execute, running_kernel
 
 from hotbox_jupyter import demo
 from hotbox_jupyter.kernel import KERNEL_NAME
@@ -50,18 +50,12 @@ def kernelspecs(tmp_path_factory: pytest.TempPathFactory) -> KernelSpecManager:
 def kernel(kernelspecs: KernelSpecManager) -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
     km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernelspecs)
     assert km.kernel_spec is not None and km.kernel_spec.display_name == "Hotcell Python"
-    km.start_kernel(env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    kc = km.client()
-    kc.start_channels()
-    pid = km.provisioner.process.pid  # type: ignore[union-attr]
+    pid = -1
     try:
-        kc.wait_for_ready(timeout=60)
-        yield km, kc
+        with running_kernel(km) as (kc, pid):
+            yield km, kc
     finally:
-        kc.stop_channels()
-        if km.is_alive():
-            km.shutdown_kernel(now=False)
-        leaked = vm_processes(pid)
+        leaked = vm_processes(pid) if pid > 0 else []
         for line in leaked:  # kill what the assertion below reports, so one failure does not leak VMs
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(line.split()[0]), signal.SIGKILL)

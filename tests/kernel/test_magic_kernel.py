@@ -7,7 +7,6 @@ Streaming is judged by when the client received each stream message; the interru
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import docker
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
-from kernel_protocol import execute
+from kernel_protocol import execute, running_kernel
 
 from hotbox_jupyter import demo
 from hotbox_jupyter.owner import LABEL_MANAGED, LABEL_OWNER_PID
@@ -38,18 +37,10 @@ def _kernel_containers(pid: int) -> list[str]:
 @pytest.fixture(scope="module")
 def kernel() -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
     km = KernelManager(kernel_name="python3")
-    km.start_kernel(env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    kc = km.client()
-    kc.start_channels()
-    pid = km.provisioner.process.pid  # type: ignore[union-attr]
-    try:
-        kc.wait_for_ready(timeout=60)
+    with running_kernel(km) as (kc, pid):
         reply = execute(kc, "%load_ext hotbox_jupyter")
         assert reply["status"] == "ok", reply
         yield km, kc
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)
     # The kernel owns its boxes (labelled with its pid, not pytest's): check them here.
     leaked = _kernel_containers(pid)
     assert not leaked, f"containers left behind by the kernel: {leaked}"
