@@ -22,12 +22,12 @@ from typing import Any
 
 import anyio
 
-from hotbox_jupyter.cell.backend import RunInfo
-from hotbox_jupyter.cell.config import VmConfig
-from hotbox_jupyter.cell.qemu import QemuBackend
-from hotbox_jupyter.cell.rootfs import RootfsBuilder
-from hotbox_jupyter.cell.session import ProcessAgentSession
 from hotbox_jupyter.events import Event, StdoutChunk
+from hotbox_jupyter.hotcell.backend import RunInfo
+from hotbox_jupyter.hotcell.config import VmConfig
+from hotbox_jupyter.hotcell.qemu import QemuBackend
+from hotbox_jupyter.hotcell.rootfs import RootfsBuilder
+from hotbox_jupyter.hotcell.session import ProcessAgentSession
 from hotbox_jupyter.owner import LABEL_MANAGED, LABEL_OWNER_PID, this_owner
 from hotbox_jupyter.paths import GUEST_RUNTIMES, runtimes_dir
 

@@ -58,13 +58,13 @@ __all__ = [
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:
     """``%load_ext hotbox_jupyter``: register ``%%hotbox`` and ``%hotbox`` (IPython is imported only now)."""
-    from .magics import load_ipython_extension as load
+    from .notebook.magics import load_ipython_extension as load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: InteractiveShell) -> None:
     """``%unload_ext hotbox_jupyter``: stop followed async boxes and remove the magics."""
-    from .magics import unload_ipython_extension as unload
+    from .notebook.magics import unload_ipython_extension as unload
 
     unload(ipython)

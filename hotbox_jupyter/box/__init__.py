@@ -9,7 +9,7 @@ The seed's "Useful Functions", synchronous and thread-safe::
     for event in box.events(task.stream_id): ...   # replay, then live, until Exit
     box.sizes(); box.quota(); box.enabled(); box.image_policy()
 
-Every call goes to the process's one :class:`~hotbox_jupyter.tasks.TaskManager`, which lives on the
+Every call goes to the process's one :class:`~hotbox_jupyter.box.manager.TaskManager`, which lives on the
 shared portal loop (:mod:`hotbox_jupyter.portal`) and is created on first use. Do not call the blocking
 functions from that loop itself (async code there uses the TaskManager directly); from any other event
 loop use :func:`aevents`.
@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
 
-from .. import policy
 from ..events import Event
 from ..models import (
     SIZES,
@@ -44,10 +43,10 @@ from ..models import (
 )
 from ..portal import get_portal, in_portal_thread
 from ..settings import Settings, load_settings
-from . import storage
+from . import policy, storage
 
 if TYPE_CHECKING:
-    from ..tasks import TaskManager
+    from .manager import TaskManager
 
 __all__ = [
     "aevents",
@@ -92,7 +91,7 @@ def _get_manager() -> TaskManager:
     with _lock:
         if _manager is not None and _manager_pid == os.getpid():
             return _manager
-        from ..tasks import TaskManager  # deferred: keeps `import hotbox_jupyter` free of docker-py
+        from .manager import TaskManager  # deferred: keeps `import hotbox_jupyter` free of docker-py
 
         if in_portal_thread():
             raise RuntimeError("hotbox_jupyter.box's blocking API was called on the portal loop; "
@@ -172,7 +171,7 @@ def cancel(task_id: str, *, reason: ExitReason = ExitReason.CANCELLED, grace: fl
 
 def events(task_or_stream_id: str) -> Iterator[Event]:
     """A blocking iterator over the task's events: from the start, then live; the last one is Exit."""
-    from ..tasks import Cursor
+    from .manager import Cursor
 
     manager = _get_manager()
     manager.status(task_or_stream_id)  # TaskNotFoundError now, not at the first next()
@@ -198,7 +197,7 @@ async def _await_future(fut: concurrent.futures.Future[T]) -> T:
 
 def aevents(task_or_stream_id: str) -> AsyncIterator[Event]:
     """The same as :func:`events`, as an async iterator usable on any event loop (the kernel's, a widget's)."""
-    from ..tasks import Cursor
+    from .manager import Cursor
 
     manager = _get_manager()
     manager.status(task_or_stream_id)
@@ -248,7 +247,7 @@ def sizes() -> list[SizeProfile]:
 
 def quota() -> QuotaInfo:
     """CUS and tasks used and remaining under the project's plan."""
-    from ..billing import Ledger
+    from .billing import Ledger
 
     s = settings()
     return Ledger(s.ledger_path).quota(s.project.id, s.plan)

@@ -238,7 +238,7 @@ class Engine:
     def pull(self, image: str, progress: Callable[[str], None]) -> None:
         """Get a missing image: pulled from its registry with coalesced progress lines, or, for the local
         ``hotbox/*`` images, refused with the command that builds them (see :func:`images.ensure_image`)."""
-        from ..images import ensure_image
+        from .images import ensure_image
 
         ensure_image(self.client, image, progress)
 

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -155,7 +154,7 @@ def check_engine() -> tuple[Check, DockerClient | None]:
 
 def check_images(client: DockerClient | None) -> list[Check]:
     """The local hotbox/* images: present and built from the current recipe and runtimes."""
-    from ..images import RECIPES, image_states
+    from ..box.images import RECIPES, image_states
 
     if client is None:
         return [_warn(f"image {r.ref}", "not checked: no Docker engine", "start the engine first")
@@ -237,15 +236,10 @@ def _kvm_api_version() -> tuple[int | None, str]:
 
 
 def _probe_backends() -> list[Any] | None:
-    """The microVM side's own probe (boots nothing it cannot), if that module provides one."""
-    try:
-        from .. import cell
-    except ImportError:
-        return None
-    probe: Callable[[], Any] | None = getattr(cell, "probe_backends", None)
-    if probe is None:
-        return None
-    return list(probe())
+    """The microVM side's own probe (boots nothing it cannot)."""
+    from ..hotcell import probe_backends
+
+    return list(probe_backends())
 
 
 def check_kvm(probes: list[Any] | None) -> Check:
@@ -334,7 +328,7 @@ def run_checks() -> DoctorReport:
     try:
         probes = _probe_backends()
     except Exception as exc:  # the probe is the VM side's code: its failure is a finding, not a crash
-        checks.append(_warn("vm probe", f"hotbox_jupyter.cell.probe_backends() failed: {exc!r}",
+        checks.append(_warn("vm probe", f"hotbox_jupyter.hotcell.probe_backends() failed: {exc!r}",
                             "report this; the other lines are still valid"))
         probes = None
     checks.append(check_kvm(probes))

@@ -52,7 +52,7 @@ def _printer(prefix: str = "") -> Any:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..images import build_images, recipe
+    from ..box.images import build_images, recipe
 
     for name in args.names:  # bad names are refused before anything is built
         recipe(name)
@@ -70,7 +70,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from ..images import image_states
+    from ..box.images import image_states
 
     states = image_states(docker_client())
     if args.json:
@@ -83,7 +83,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from ..images import ensure_image
+    from ..box.images import ensure_image
 
     ensure_image(docker_client(), args.ref, _printer())
     print(f"{args.ref} is present")

@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _build_config(args: argparse.Namespace, command: list[str], extra_env: dict[str, str] | None = None,
                   shares: list[Any] | None = None) -> Any:
-    from ..cell.config import SharedDir, VmConfig
+    from ..hotcell.config import SharedDir, VmConfig
 
     env: dict[str, str] = {}
     for item in args.env:
@@ -95,8 +95,8 @@ async def _boot(args: argparse.Namespace, config: Any, show: bool) -> Any:
     """Pick the backend, get the image's root filesystem, prepare it; returns (backend, handle)."""
     import anyio
 
-    from ..cell import default_registry
-    from ..cell.rootfs import RootfsBuilder
+    from ..hotcell import default_registry
+    from ..hotcell.rootfs import RootfsBuilder
 
     registry = default_registry()
     backend = await anyio.to_thread.run_sync(registry.pick, args.backend)
@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     show = not args.quiet
 
     async def main() -> int:
-        from ..cell.backend import RunInfo
+        from ..hotcell.backend import RunInfo
 
         backend, handle = await _boot(args, config, show)
         info = RunInfo()
@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
 def _handler(args: argparse.Namespace) -> int:
     import anyio
 
-    from ..cell.config import SharedDir
+    from ..hotcell.config import SharedDir
     from ..paths import GUEST_RUNTIMES
 
     src: Path = args.handler_file
@@ -205,7 +205,7 @@ def _handler(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from ..cell import probe_backends
+    from ..hotcell import probe_backends
 
     probes = probe_backends(refresh=args.refresh)
     if args.json:

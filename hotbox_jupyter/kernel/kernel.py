@@ -32,10 +32,10 @@ from typing import Any
 from ipykernel.kernelbase import Kernel
 
 from .. import __version__
-from ..cell.backend import ExecutorRegistry, VmSession
-from ..cell.config import VmConfig
-from ..cell.rootfs import RootfsBuilder
 from ..errors import ConfigError, HotboxError
+from ..hotcell.backend import ExecutorRegistry, VmSession
+from ..hotcell.config import VmConfig
+from ..hotcell.rootfs import RootfsBuilder
 from ..models import BoxSize, parse_size
 from .messages import CellPublisher
 

@@ -16,7 +16,7 @@ import docker
 import pytest
 
 from hotbox_jupyter import box
-from hotbox_jupyter.images import ensure_image
+from hotbox_jupyter.box.images import ensure_image
 from hotbox_jupyter.models import BoxConf, TaskResult, TaskStatus
 from hotbox_jupyter.owner import LABEL_MANAGED, LABEL_PROJECT, LABEL_TASK
 

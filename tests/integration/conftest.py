@@ -10,8 +10,8 @@ import docker
 import pytest
 from vm_support import PYTHON_IMAGE, prepare
 
-from hotbox_jupyter.cell.backend import RootfsHandle
-from hotbox_jupyter.cell.qemu import QemuBackend
+from hotbox_jupyter.hotcell.backend import RootfsHandle
+from hotbox_jupyter.hotcell.qemu import QemuBackend
 
 
 @pytest.fixture(scope="module")

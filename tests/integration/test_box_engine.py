@@ -16,7 +16,7 @@ import pytest
 from box_support import NODE, PYTHON, SHELL, containers, hotbox_home, mounts_under, run, wait_running
 
 from hotbox_jupyter import BoxConf, ExitReason, TaskStatus, box
-from hotbox_jupyter.billing import Ledger
+from hotbox_jupyter.box.billing import Ledger
 from hotbox_jupyter.box.storage import ProjectStorage
 from hotbox_jupyter.errors import ConfigError, TaskNotFoundError
 from hotbox_jupyter.events import DisplayData, Exit, ResultValue, StderrChunk, StdoutChunk

@@ -18,7 +18,7 @@ import pytest
 from box_support import SHELL, containers, hot_toml, hotbox_home, mounts_under, run, wait_running
 
 from hotbox_jupyter import ExitReason, box
-from hotbox_jupyter.billing import Ledger
+from hotbox_jupyter.box.billing import Ledger
 from hotbox_jupyter.errors import (
     BoxDisabledError,
     ConfigError,

@@ -18,7 +18,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from hotbox_jupyter.images import (
+from hotbox_jupyter.box.images import (
     BUILDER_VERSION,
     LABEL_BUILDER,
     LABEL_RECIPE,

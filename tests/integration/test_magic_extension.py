@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hotbox_jupyter.magics import DOCKER_WARNING
+from hotbox_jupyter.notebook.magics import DOCKER_WARNING
 
 SCRIPT = """
 import os, sys

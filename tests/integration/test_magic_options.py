@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from hotbox_jupyter.errors import ConfigError
-from hotbox_jupyter.magics import (
+from hotbox_jupyter.models import BoxSize
+from hotbox_jupyter.notebook.magics import (
     MAX_INPUT_BYTES,
     HotboxMagics,
     SessionConfig,
@@ -20,7 +21,6 @@ from hotbox_jupyter.magics import (
     parse_amount,
     parse_argstring,
 )
-from hotbox_jupyter.models import BoxSize
 
 
 def parse(line: str) -> Any:

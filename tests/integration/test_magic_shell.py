@@ -23,9 +23,9 @@ from IPython.utils.capture import capture_output
 from hotbox_jupyter import box
 from hotbox_jupyter.errors import BoxFailedError, ConfigError, ImageDeniedError
 from hotbox_jupyter.models import ExitReason, TaskInfo, TaskResult, TaskStatus
+from hotbox_jupyter.notebook.render import BoxValue
+from hotbox_jupyter.notebook.widgets import QuotaView, SizesTable, TasksTable, TaskView
 from hotbox_jupyter.owner import LABEL_TASK
-from hotbox_jupyter.render import BoxValue
-from hotbox_jupyter.widgets import QuotaView, SizesTable, TasksTable, TaskView
 
 pytestmark = [pytest.mark.docker]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from hotbox_jupyter.models import SIZES, BoxSize, ExitReason, QuotaInfo, TaskInfo, TaskResult, TaskStatus
-from hotbox_jupyter.widgets import QuotaView, SizesTable, TasksTable, TaskView
+from hotbox_jupyter.notebook.widgets import QuotaView, SizesTable, TasksTable, TaskView
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 

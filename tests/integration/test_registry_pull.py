@@ -22,8 +22,8 @@ import docker
 import pytest
 from registry import free_port, registry_server
 
+from hotbox_jupyter.box.images import _explain, ensure_image, image_state, pull_image
 from hotbox_jupyter.errors import ConfigError, ImageDeniedError, ImageError
-from hotbox_jupyter.images import _explain, ensure_image, image_state, pull_image
 from hotbox_jupyter.owner import this_owner
 
 pytestmark = [pytest.mark.docker, pytest.mark.registry]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from hotbox_jupyter.cell import ExecutorRegistry, probe_backends
-from hotbox_jupyter.cell.firecracker import FirecrackerBackend
-from hotbox_jupyter.cell.guestkernel import ensure_kernel
-from hotbox_jupyter.cell.libkrun import LibkrunBackend
-from hotbox_jupyter.cell.qemu import QemuBackend, find_qemu, kvm_probe
 from hotbox_jupyter.errors import VmmUnavailableError
+from hotbox_jupyter.hotcell import ExecutorRegistry, probe_backends
+from hotbox_jupyter.hotcell.firecracker import FirecrackerBackend
+from hotbox_jupyter.hotcell.guestkernel import ensure_kernel
+from hotbox_jupyter.hotcell.libkrun import LibkrunBackend
+from hotbox_jupyter.hotcell.qemu import QemuBackend, find_qemu, kvm_probe
 from hotbox_jupyter.settings import load_settings
 
 pytestmark = [pytest.mark.vm]

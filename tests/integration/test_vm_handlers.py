@@ -17,9 +17,9 @@ from vm_support import (
     drop_session_cache,  # noqa: F401 - the session-end cleanup of the caches
 )
 
-from hotbox_jupyter.cell.config import VmConfig, VmResult
-from hotbox_jupyter.cell.qemu import QemuBackend
-from hotbox_jupyter.cell.rootfs import RootfsBuilder
+from hotbox_jupyter.hotcell.config import VmConfig, VmResult
+from hotbox_jupyter.hotcell.qemu import QemuBackend
+from hotbox_jupyter.hotcell.rootfs import RootfsBuilder
 from hotbox_jupyter.paths import runtimes_dir
 
 pytestmark = [pytest.mark.vm, pytest.mark.docker, pytest.mark.slow]
@@ -74,7 +74,7 @@ def test_seed_handler_image_in_a_vm(client: docker.DockerClient, lang: str) -> N
 
 
 def test_node_handler_error_is_structured(tmp_path: Any) -> None:
-    from hotbox_jupyter.cell.config import SharedDir
+    from hotbox_jupyter.hotcell.config import SharedDir
 
     (tmp_path / "handler.js").write_text("exports.handle = async (ctx) => { throw new RangeError('too far'); };\n")
     backend = QemuBackend()

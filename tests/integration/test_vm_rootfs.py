@@ -19,10 +19,10 @@ from vm_support import (
     drop_session_cache,  # noqa: F401 - the session-end cleanup of the caches
 )
 
-from hotbox_jupyter.cell.config import VmConfig
-from hotbox_jupyter.cell.qemu import QemuBackend
-from hotbox_jupyter.cell.rootfs import BuildReport, RootfsBuilder
 from hotbox_jupyter.errors import ImageError
+from hotbox_jupyter.hotcell.config import VmConfig
+from hotbox_jupyter.hotcell.qemu import QemuBackend
+from hotbox_jupyter.hotcell.rootfs import BuildReport, RootfsBuilder
 
 pytestmark = [pytest.mark.docker]
 

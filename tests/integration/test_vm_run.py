@@ -22,11 +22,11 @@ from vm_support import (
     vm_processes,
 )
 
-from hotbox_jupyter.cell.backend import RootfsHandle, RunInfo
-from hotbox_jupyter.cell.config import SharedDir, VmConfig, VmResult
-from hotbox_jupyter.cell.qemu import QemuBackend
 from hotbox_jupyter.errors import VmTimeoutError
 from hotbox_jupyter.events import Event, Exit, Progress, ResultValue, StdoutChunk
+from hotbox_jupyter.hotcell.backend import RootfsHandle, RunInfo
+from hotbox_jupyter.hotcell.config import SharedDir, VmConfig, VmResult
+from hotbox_jupyter.hotcell.qemu import QemuBackend
 from hotbox_jupyter.models import ExitReason
 from hotbox_jupyter.paths import runtimes_dir
 
@@ -170,9 +170,9 @@ def test_run_stream_is_live(backend: QemuBackend, handle: RootfsHandle) -> None:
 CHILD = """
 import anyio, sys
 from pathlib import Path
-from hotbox_jupyter.cell.config import VmConfig
-from hotbox_jupyter.cell.qemu import QemuBackend
-from hotbox_jupyter.cell.backend import RootfsHandle
+from hotbox_jupyter.hotcell.config import VmConfig
+from hotbox_jupyter.hotcell.qemu import QemuBackend
+from hotbox_jupyter.hotcell.backend import RootfsHandle
 
 async def main():
     backend = QemuBackend()

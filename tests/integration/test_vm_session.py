@@ -15,11 +15,11 @@ from vm_support import (
     vm_processes,
 )
 
-from hotbox_jupyter.cell.backend import RootfsHandle, VmSession
-from hotbox_jupyter.cell.config import VmConfig
-from hotbox_jupyter.cell.qemu import QemuBackend
-from hotbox_jupyter.cell.session import ProcessAgentSession
 from hotbox_jupyter.events import DisplayData, ErrorValue, Event, Exit, ResultValue, StderrChunk, StdoutChunk
+from hotbox_jupyter.hotcell.backend import RootfsHandle, VmSession
+from hotbox_jupyter.hotcell.config import VmConfig
+from hotbox_jupyter.hotcell.qemu import QemuBackend
+from hotbox_jupyter.hotcell.session import ProcessAgentSession
 from hotbox_jupyter.models import ExitReason
 from hotbox_jupyter.paths import GUEST_RUNTIMES, runtimes_dir
 

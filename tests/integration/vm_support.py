@@ -20,10 +20,10 @@ from typing import Any
 import anyio
 import pytest
 
-from hotbox_jupyter.cell.backend import RootfsHandle
-from hotbox_jupyter.cell.config import VmConfig
-from hotbox_jupyter.cell.qemu import QemuBackend
-from hotbox_jupyter.cell.rootfs import RootfsBuilder
+from hotbox_jupyter.hotcell.backend import RootfsHandle
+from hotbox_jupyter.hotcell.config import VmConfig
+from hotbox_jupyter.hotcell.qemu import QemuBackend
+from hotbox_jupyter.hotcell.rootfs import RootfsBuilder
 from hotbox_jupyter.owner import LABEL_MANAGED, LABEL_OWNER_PID
 
 PYTHON_IMAGE = "hotbox/python:latest"

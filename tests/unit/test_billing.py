@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hotbox_jupyter.billing import Ledger
+from hotbox_jupyter.box.billing import Ledger
 from hotbox_jupyter.errors import QuotaExceededError
 from hotbox_jupyter.owner import OwnerId, this_owner
 from hotbox_jupyter.settings import Plan

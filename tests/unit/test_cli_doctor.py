@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
-import hotbox_jupyter
 from hotbox_jupyter.cli import main
 
 
@@ -35,14 +33,8 @@ def line(out: str, name: str) -> str:
 
 @pytest.fixture
 def cell(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The Hotcell package, where the doctor looks for ``probe_backends``; a stand-in if it is not there yet."""
-    try:
-        return importlib.import_module("hotbox_jupyter.cell")
-    except ImportError:
-        module = ModuleType("hotbox_jupyter.cell")
-        monkeypatch.setitem(sys.modules, "hotbox_jupyter.cell", module)
-        monkeypatch.setattr(hotbox_jupyter, "cell", module, raising=False)
-        return module
+    """The Hotcell package, where the doctor looks for ``probe_backends``."""
+    return importlib.import_module("hotbox_jupyter.hotcell")
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from hotbox_jupyter.box.policy import check_image, image_policy
 from hotbox_jupyter.errors import ConfigError, ImageDeniedError
-from hotbox_jupyter.policy import check_image, image_policy
 from hotbox_jupyter.settings import load_settings
 
 

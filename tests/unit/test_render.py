@@ -23,7 +23,7 @@ from hotbox_jupyter.events import (
     StdoutChunk,
 )
 from hotbox_jupyter.models import ExitReason
-from hotbox_jupyter.render import (
+from hotbox_jupyter.notebook.render import (
     BoxValue,
     EventFeed,
     EventRenderer,

@@ -5,8 +5,8 @@ Checked before anything is pulled, created or billed.
 
 from __future__ import annotations
 
-from .errors import ImageDeniedError
-from .models import ImagePolicyInfo
+from ..errors import ImageDeniedError
+from ..models import ImagePolicyInfo
 
 __all__ = ["DENIED", "DENIED_PREFIXES", "check_image", "image_policy", "normalize_image"]
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from hotbox_jupyter.cell.config import VmConfig
-from hotbox_jupyter.cell.firecracker import firecracker_config
-from hotbox_jupyter.cell.guestkernel import GuestKernel, extract_vmlinux, newc_archive, run_archive
-from hotbox_jupyter.cell.guestproto import GuestOutcome, GuestStream, run_conf
-from hotbox_jupyter.cell.libkrun import worker_spec
-from hotbox_jupyter.cell.qemu import kernel_cmdline, qemu_argv
 from hotbox_jupyter.errors import VmmUnavailableError
+from hotbox_jupyter.hotcell.config import VmConfig
+from hotbox_jupyter.hotcell.firecracker import firecracker_config
+from hotbox_jupyter.hotcell.guestkernel import GuestKernel, extract_vmlinux, newc_archive, run_archive
+from hotbox_jupyter.hotcell.guestproto import GuestOutcome, GuestStream, run_conf
+from hotbox_jupyter.hotcell.libkrun import worker_spec
+from hotbox_jupyter.hotcell.qemu import kernel_cmdline, qemu_argv
 from hotbox_jupyter.models import ExitReason
 
 NONCE = "0123abcd"

@@ -2,7 +2,7 @@
 
 The transport is any anyio byte stream: a virtio-serial port's socket for a microVM, or the stdin and
 stdout of ``docker run -i`` for a box started with ``AGENT_PORT=stdio``. :class:`AgentSession`
-implements :class:`~hotbox_jupyter.cell.backend.VmSession` on top of it; a backend subclasses it to
+implements :class:`~hotbox_jupyter.hotcell.backend.VmSession` on top of it; a backend subclasses it to
 say how the VM is stopped and how a dead VM is told apart from a quiet one.
 """
 

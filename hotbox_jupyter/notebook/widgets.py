@@ -13,7 +13,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from .models import QuotaInfo, SizeProfile, TaskInfo, TaskResult, TaskStatus
+from ..models import QuotaInfo, SizeProfile, TaskInfo, TaskResult, TaskStatus
 
 __all__ = ["QuotaView", "SizesTable", "TaskView", "TasksTable"]
 

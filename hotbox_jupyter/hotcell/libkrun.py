@@ -2,7 +2,7 @@
 
 libkrun runs the VMM inside the calling process and ``krun_start_enter`` never returns (the process
 exits with the guest command's exit code), so each VM is a worker process:
-``python -m hotbox_jupyter.cell.libkrun SPEC.json`` configures a context from the spec and enters it.
+``python -m hotbox_jupyter.hotcell.libkrun SPEC.json`` configures a context from the spec and enters it.
 The guest kernel is libkrunfw's; the root filesystem is a host directory shared over virtio-fs.
 
 Where the library comes from: ``HOTBOX_LIBKRUN`` (a path), the system's ``libkrun.so``, or the
@@ -188,7 +188,7 @@ class _KrunVm:
                 shares += [str(s.host_path), s.guest_path, "ro" if s.read_only else "rw"]
             argv = [*pdeathsig_prefix(), "unshare", "--mount", "--propagation", "private", "sh", "-c", _NS_SCRIPT,
                     "hotbox-libkrun", str(self.handle.path), str(d), *shares, "--",
-                    sys.executable, "-m", "hotbox_jupyter.cell.libkrun", str(spec_path)]
+                    sys.executable, "-m", "hotbox_jupyter.hotcell.libkrun", str(spec_path)]
             env_w = {**os.environ, "HOTBOX_RUNTIMES": str(runtimes_dir()),
                      "LD_LIBRARY_PATH": f"{self.backend.lib.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
             self.started = time.monotonic()

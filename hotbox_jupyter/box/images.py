@@ -48,11 +48,11 @@ from docker.auth import resolve_repository_name
 from docker.errors import APIError, DockerException, ImageNotFound
 from docker.utils import parse_repository_tag
 
-from .errors import ConfigError, EngineUnavailableError, ImageError
-from .models import HotModel
-from .paths import GUEST_RUNTIMES, runtimes_dir
+from ..errors import ConfigError, EngineUnavailableError, ImageError
+from ..models import HotModel
+from ..paths import GUEST_RUNTIMES, runtimes_dir
+from ..procs import stop_popen
 from .policy import check_image
-from .procs import stop_popen
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -355,7 +355,7 @@ def _tar_runtimes(root: Path, python: str | None) -> bytes:
 
 def _cache_root(cache_dir: Path | None) -> Path:
     if cache_dir is None:
-        from .settings import load_settings
+        from ..settings import load_settings
 
         cache_dir = load_settings().cache_dir
     d = cache_dir / "images"

@@ -1,10 +1,20 @@
 """Hotcell: run code in microVMs (QEMU microvm here; Firecracker and libkrun where KVM works).
 
-The public names are re-exported by :mod:`hotbox_jupyter.hotcell` exactly as the seed spells them.
+The seed's Rust API (``hotcell::config``, ``backend``, ``oci``), in Python, with the seed's names::
+
+    from hotbox_jupyter.hotcell import ExecutorRegistry, RootfsBuilder, VmConfig
+
+    builder = RootfsBuilder.open_default()
+    await builder.build("hotbox/python:latest", rootfs_dir)
+    backend = ExecutorRegistry.default().pick()          # the best backend this host can run
+    config = VmConfig(rootfs_path=rootfs_dir, command=["python3", "-c", "print('hello from a VM')"])
+    handle = await backend.prepare_rootfs(rootfs_dir, config)
+    result = await backend.run(config, handle)           # VmResult: exit_code, console_output, result
 """
 
 from __future__ import annotations
 
+from ..errors import HotcellError
 from .backend import (
     BackendProbe,
     ExecutorRegistry,
@@ -20,6 +30,7 @@ __all__ = [
     "BackendProbe",
     "BuildReport",
     "ExecutorRegistry",
+    "HotcellError",
     "RootfsBuilder",
     "RootfsHandle",
     "RunInfo",

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .events import DisplayData, ErrorValue, Event, Exit, Progress, ResultValue, StderrChunk, StdoutChunk
+from ..events import DisplayData, ErrorValue, Event, Exit, Progress, ResultValue, StderrChunk, StdoutChunk
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT",

@@ -18,8 +18,8 @@ from typing import Any
 import anyio
 import pytest
 
-from hotbox_jupyter.cell.session import ProcessAgentSession
 from hotbox_jupyter.events import DisplayData, ErrorValue, Event, Exit, ResultValue, StderrChunk, StdoutChunk
+from hotbox_jupyter.hotcell.session import ProcessAgentSession
 from hotbox_jupyter.models import ExitReason
 from hotbox_jupyter.paths import runtimes_dir
 

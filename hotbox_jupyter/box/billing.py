@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import QuotaExceededError
-from .models import QuotaInfo
-from .owner import OwnerId, owner_alive
-from .settings import Plan
+from ..errors import QuotaExceededError
+from ..models import QuotaInfo
+from ..owner import OwnerId, owner_alive
+from ..settings import Plan
 
 __all__ = ["Ledger", "LedgerRow"]
 

@@ -16,10 +16,10 @@ from typing import Any
 import anyio
 import pytest
 
-from hotbox_jupyter.cell.backend import BackendProbe, ExecutorRegistry, VmmBackend
-from hotbox_jupyter.cell.registry import RegistryClient, parse_reference, pick_platform
-from hotbox_jupyter.cell.rootfs import RootfsBuilder, apply_layer, tree_fingerprint
 from hotbox_jupyter.errors import ConfigError, ImageError, RootfsError, VmmUnavailableError
+from hotbox_jupyter.hotcell.backend import BackendProbe, ExecutorRegistry, VmmBackend
+from hotbox_jupyter.hotcell.registry import RegistryClient, parse_reference, pick_platform
+from hotbox_jupyter.hotcell.rootfs import RootfsBuilder, apply_layer, tree_fingerprint
 
 
 def layer(entries: list[tuple[str, str, bytes | str]], compress: bool = False) -> bytes:

@@ -7,7 +7,7 @@ that "run all" stops there. ``--async`` returns the TaskInfo at once and keeps s
 in the cell's output area.
 
 Everything about running boxes is the engine's (:mod:`hotbox_jupyter.box`); events become output in
-:mod:`hotbox_jupyter.render`; the views are :mod:`hotbox_jupyter.widgets`. This module parses the
+:mod:`hotbox_jupyter.notebook.render`; the views are :mod:`hotbox_jupyter.notebook.widgets`. This module parses the
 magic's options into a BoxConf and drives those three.
 """
 
@@ -30,9 +30,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics
 from IPython.display import display as _display
 
-from .errors import BoxFailedError, ConfigError, EngineUnavailableError, HotboxError
-from .models import BoxConf, ExitReason, TaskInfo, TaskResult, parse_size
-from .paths import GUEST_RUNTIMES
+from ..errors import BoxFailedError, ConfigError, EngineUnavailableError, HotboxError
+from ..models import BoxConf, ExitReason, TaskInfo, TaskResult, parse_size
+from ..paths import GUEST_RUNTIMES
 from .render import DEFAULT_MAX_OUTPUT, BoxValue, EventFeed, EventRenderer, OutputWidgetSink, ShellSink, format_size
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def parse_argstring(magic_func: Any, line: str) -> argparse.Namespace:
 
 
 def _engine() -> ModuleType:
-    from . import box
+    from .. import box
 
     return box
 

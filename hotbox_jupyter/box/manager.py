@@ -38,11 +38,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as StartedStatus
 
-from . import policy
-from .billing import Ledger
-from .box.engine import LABEL_STATE_DIR, AttachedStream, BoxSpec, Engine, task_labels
-from .box.storage import DataDisk, ProjectStorage, destroy_disk_dir
-from .errors import (
+from ..errors import (
     BoxDisabledError,
     ConfigError,
     EngineUnavailableError,
@@ -50,12 +46,16 @@ from .errors import (
     ImageError,
     TaskNotFoundError,
 )
-from .events import Event, Exit, Progress, ResultValue, StderrChunk, StdoutChunk
-from .frames import FrameDecoder
-from .models import BoxConf, ExitReason, Limits, TaskInfo, TaskResult, TaskStatus
-from .owner import LABEL_OWNER_HOST, LABEL_OWNER_PID, LABEL_OWNER_START, LABEL_TASK, owner_alive, this_owner
-from .paths import runtimes_dir
-from .settings import Settings
+from ..events import Event, Exit, Progress, ResultValue, StderrChunk, StdoutChunk
+from ..frames import FrameDecoder
+from ..models import BoxConf, ExitReason, Limits, TaskInfo, TaskResult, TaskStatus
+from ..owner import LABEL_OWNER_HOST, LABEL_OWNER_PID, LABEL_OWNER_START, LABEL_TASK, owner_alive, this_owner
+from ..paths import runtimes_dir
+from ..settings import Settings
+from . import policy
+from .billing import Ledger
+from .engine import LABEL_STATE_DIR, AttachedStream, BoxSpec, Engine, task_labels
+from .storage import DataDisk, ProjectStorage, destroy_disk_dir
 
 __all__ = ["Cursor", "TaskManager", "describe_exit"]
 
