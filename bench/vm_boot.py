@@ -6,6 +6,8 @@ Prints, for the QEMU backend (TCG on the build machines, KVM where the probe say
 
 * one-shot: VMM start -> the first line of ``python3 -c 'print(...)'`` on the host, and the whole run;
 * session: start -> agent ready, then the per-cell round trip of a trivial cell and of a loop;
+* warm VM (hotcell.snapshot): start -> the guest program's first answer, cold boot (+ save) against
+  restores of that snapshot, with the ratio;
 
 and the same figures for a Docker container of the same image (``docker run --rm --network=none`` via
 docker-py; the session agent over ``docker run -i``), with the VM/Docker ratios. When KVM is usable the
@@ -77,6 +79,32 @@ async def vm_session(backend: QemuBackend, handle: Any, n: int) -> tuple[float, 
     return ready, trivial, loop
 
 
+WARM_PROGRAM = ["python3", "-u", "-c", "import hotbox_warm\nhotbox_warm.wait_for_start()\n"
+                "hotbox_warm.send({'t': 'hi'})\nhotbox_warm.receive()\n"]
+
+
+async def vm_warm(backend: QemuBackend, handle: Any, runs: int) -> tuple[float, list[float]]:
+    """(cold boot + save, [restores]): start_warm_vm -> release -> the program's first message."""
+    import secrets
+
+    from hotbox_jupyter.hotcell.snapshot import start_warm_vm
+
+    key = secrets.token_hex(4)  # a fresh key: the first start really boots
+    times = []
+    for i in range(runs + 1):
+        t0 = time.monotonic()
+        warm = await start_warm_vm(backend, VmConfig(command=["unused"], memory_mib=256), handle,
+                                   program=WARM_PROGRAM, guest_ports=[], key_extra=key)
+        try:
+            await warm.release({})
+            await warm.receive()
+            times.append(time.monotonic() - t0)
+            assert warm.restored == (i > 0)
+        finally:
+            await warm.stop()
+    return times[0], times[1:]
+
+
 def docker_one_shot(image: str, runs: int) -> tuple[list[float], list[float]]:
     import docker
 
@@ -137,6 +165,8 @@ async def main() -> int:
         first, total = await vm_one_shot(backend, handle, args.runs)
         ready, trivial, loop = await vm_session(backend, handle, args.cells)
         rows[label] = {"first": first, "total": total, "ready": ready, "trivial": trivial, "loop": loop}
+        cold, restores = await vm_warm(backend, handle, args.runs)
+        rows[label]["warm"] = (cold, restores)
     first, total = await anyio.to_thread.run_sync(docker_one_shot, args.image, args.runs)
     ready, trivial, loop = await docker_session(args.image, args.cells)
     rows["docker"] = {"first": first, "total": total, "ready": ready, "trivial": trivial, "loop": loop}
@@ -154,6 +184,11 @@ async def main() -> int:
             print(f"  vs docker run --rm: first output x{ratio['first']:.1f}, session start "
                   f"x{r['ready'] / base['ready']:.1f}, trivial cell x{ratio['trivial']:.1f}, "
                   f"loop x{ratio['loop']:.1f}")
+        if "warm" in r:
+            cold, restores = r["warm"]
+            print(f"  warm VM, cold boot + save       {cold * 1000:8.1f} ms")
+            print(f"  warm VM, restore                {med(restores)}")
+            print(f"  cold boot / restore             x{cold / statistics.median(restores):.1f}")
         print()
     if probe.accel != "kvm":
         print(f"KVM: not measured on this host: {probe.reason.split(': ', 1)[-1]}")

@@ -19,6 +19,7 @@ APT_PACKAGES=(
   docker-registry      # a registry server on loopback, to test pulls
   mmdebstrap           # builds image root filesystems from Debian packages
   qemu-system-x86      # the microVM backend (-M microvm)
+  qemu-utils           # qemu-img: the disk overlays that microVM snapshots save
   busybox-static       # the microVM initramfs
   e2fsprogs            # mkfs.ext4 -d for VM root images and /data disks
   cpio zstd lz4        # initramfs packing, kernel extraction

@@ -39,6 +39,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,8 @@ from .guestproto import new_nonce, run_conf
 from .initvm import InitBackend
 from .vmstate import RunDir, close_quietly, pdeathsig_prefix, reap_orphans, stop_process
 
-__all__ = ["QemuBackend", "kernel_cmdline", "kvm_probe", "kvm_status", "qemu_argv"]
+__all__ = ["QemuBackend", "WarmLaunch", "find_qemu", "find_qemu_img", "kernel_cmdline", "kvm_probe", "kvm_status",
+           "qemu_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,22 @@ def find_virtiofsd() -> str:
         if c and os.access(c, os.X_OK):
             return c
     raise VmmUnavailableError("shared directories need virtiofsd (Debian: qemu-system-common or virtiofsd)")
+
+
+def find_qemu_img() -> str | None:
+    """qemu-img (Debian: qemu-utils), which makes the disk overlays that snapshots save; None if missing."""
+    return shutil.which("qemu-img")
+
+
+def make_overlay(backing: Path, path: Path) -> None:
+    """A qcow2 file at ``path`` whose reads fall through to the raw image ``backing`` (blocking)."""
+    exe = find_qemu_img()
+    if exe is None:
+        raise VmmUnavailableError("qemu-img is not installed (apt-get install qemu-utils; scripts/setup.sh does it)")
+    proc = subprocess.run([exe, "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise VmBootError(f"qemu-img could not make a disk overlay of {backing}: {proc.stderr.strip()}")
 
 
 def host_tsc_khz() -> int | None:
@@ -117,8 +136,16 @@ def kernel_cmdline(accel: Accel, owner_token: str) -> str:
 
 def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: Path, initrd: Path,
               append: str, rootfs: Path, out_sock: Path, klog: Path, agent_sock: Path | None = None,
-              shares: list[tuple[str, Path]] | None = None, net: bool = False, name: str = "hotbox") -> list[str]:
-    """The QEMU command line of one microVM (pure: unit-tested)."""
+              shares: list[tuple[str, Path]] | None = None, net: bool = False, name: str = "hotbox",
+              hostfwd: Mapping[int, int] | None = None, restrict: bool = False, qmp_sock: Path | None = None,
+              incoming: bool = False, root_format: str = "raw", root_snapshot: bool = True) -> list[str]:
+    """The QEMU command line of one microVM (pure: unit-tested).
+
+    ``hostfwd`` (guest port -> 127.0.0.1 port) and ``restrict`` (no connection out of the guest) shape
+    the user network; ``qmp_sock`` adds a QMP server, ``incoming`` waits for a migration stream (a
+    restore); ``root_format``/``root_snapshot`` say how the root disk is opened (a qcow2 overlay that
+    takes the writes, or anything with a throw-away overlay on top).
+    """
     machine = "microvm"
     argv = [qemu, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
@@ -131,7 +158,8 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
     argv += ["-M", machine, "-global", "virtio-mmio.force-legacy=false",
              "-kernel", str(vmlinux), "-initrd", str(initrd), "-append", append,
              "-chardev", f"file,id=klog,path={klog}", "-serial", "chardev:klog",
-             "-drive", f"id=root,file={rootfs},format=raw,if=none,snapshot=on,cache=unsafe",
+             "-drive", f"id=root,file={rootfs},format={root_format},if=none,"
+                       f"snapshot={'on' if root_snapshot else 'off'},cache=unsafe",
              "-device", "virtio-blk-device,drive=root",
              "-device", "virtio-serial-device",
              "-chardev", f"socket,id=out,path={out_sock}", "-device", "virtserialport,chardev=out,name=hotbox.out"]
@@ -141,8 +169,15 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
     for i, (tag, sock) in enumerate(shares or []):
         argv += ["-chardev", f"socket,id=vfs{i},path={sock}",
                  "-device", f"vhost-user-fs-device,chardev=vfs{i},tag={tag}"]
-    if net:
-        argv += ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"]
+    if net or hostfwd:
+        netdev = "user,id=n0" + (",restrict=on" if restrict else "")
+        for guest, host in sorted((hostfwd or {}).items()):
+            netdev += f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+        argv += ["-netdev", netdev, "-device", "virtio-net-device,netdev=n0"]
+    if qmp_sock is not None:
+        argv += ["-qmp", f"unix:{qmp_sock},server=on,wait=off"]
+    if incoming:
+        argv += ["-incoming", "defer"]
     return argv
 
 
@@ -264,15 +299,34 @@ def kvm_status() -> tuple[bool, str]:
 
 # --- one VM ---------------------------------------------------------------------------------------------
 
+@dataclass
+class WarmLaunch:
+    """How the QEMU of a warm VM (:mod:`.snapshot`) differs from a plain session VM's: the guest runs
+    ``program`` with the agent port and ``hotbox_warm`` at hand, the guest ports are forwarded to
+    127.0.0.1 (no other network unless the config asks for internet), and QMP is on. A restore boots
+    the saved initramfs and disk overlay and waits for the saved state (``incoming``)."""
+
+    program: list[str]
+    hostfwd: dict[int, int] = field(default_factory=dict)
+    fresh_overlay: bool = False   # boot from a new qcow2 overlay (run dir's root.qcow2) that keeps the writes
+    root: Path | None = None      # boot from this saved overlay, with a throw-away overlay on top
+    initrd: Path | None = None
+    nonce: str | None = None
+    incoming: bool = False
+
+
 class _Vm:
     """The processes, sockets and files of one running microVM."""
 
-    def __init__(self, backend: QemuBackend, config: VmConfig, handle: RootfsHandle, *, agent: bool) -> None:
+    def __init__(self, backend: QemuBackend, config: VmConfig, handle: RootfsHandle, *, agent: bool,
+                 launch: WarmLaunch | None = None) -> None:
         self.backend = backend
         self.config = config
         self.handle = handle
-        self.agent = agent
-        self.nonce = new_nonce()
+        self.agent = agent or launch is not None
+        self.launch = launch
+        self.nonce = launch.nonce if launch is not None and launch.nonce else new_nonce()
+        self.qmp_sock: Path | None = None
         self.rundir: RunDir | None = None
         self.qemu: Process | None = None
         self.helpers: list[Process] = []
@@ -293,12 +347,12 @@ class _Vm:
         return d
 
     def _initrd(self, base: Path, command: list[str], env: dict[str, str], shares: list[tuple[str, str, bool]],
-                modules: list[str]) -> Path:
+                modules: list[str], forwarded: bool = False) -> Path:
         from ..paths import runtimes_dir
 
         assert self.rundir is not None
-        conf = run_conf(nonce=self.nonce, modules=modules, command=command, env=env,
-                        workdir=self.config.workdir, net=self.config.tsi.value == "internet", shares=shares)
+        conf = run_conf(nonce=self.nonce, modules=modules, command=command, env=env, workdir=self.config.workdir,
+                        net=self.config.tsi.value == "internet" or forwarded, shares=shares)
         extra = run_archive({"hotbox/run.conf": conf.encode()}, {"hotbox/runtimes": runtimes_dir()})
         path = self.rundir.path / "initrd.cpio"
         with open(path, "wb") as f, open(base, "rb") as b:
@@ -325,10 +379,13 @@ class _Vm:
         cfg = self.config
         d = self._sock_dir()
         token = self.rundir.owner_token
+        launch = self.launch
+        hostfwd = launch.hostfwd if launch is not None else {}
+        internet = cfg.tsi.value == "internet"
         modules = list(BASE_MODULES)
         if cfg.shared_dirs:
             modules += SHARE_MODULES
-        if cfg.tsi.value == "internet":
+        if internet or hostfwd:
             modules += NET_MODULES
         order = kernel.load_order(modules)
         env = cfg.env_dict()
@@ -336,10 +393,19 @@ class _Vm:
         if self.agent:
             env["AGENT_PORT"] = "virtio:hotbox.agent"
             command = list(AGENT_COMMAND)
+        if launch is not None:
+            env["PYTHONPATH"] = ":".join(p for p in ("/opt/hotbox/python", env.get("PYTHONPATH", "")) if p)
+            command = list(launch.program)
         shares = [(f"share{i}", s.guest_path, s.read_only) for i, s in enumerate(cfg.shared_dirs)]
-        initrd = await anyio.to_thread.run_sync(self._initrd, base, command, env, shares, order)
+        if launch is not None and launch.initrd is not None:
+            initrd = launch.initrd
+        else:
+            initrd = await anyio.to_thread.run_sync(self._initrd, base, command, env, shares, order,
+                                                    bool(hostfwd))
 
         out_sock = d / "out.sock"
+        if launch is not None:
+            self.qmp_sock = d / "qmp.sock"
         self._listeners.append(await anyio.create_unix_listener(out_sock))
         agent_sock = None
         if self.agent:
@@ -352,11 +418,20 @@ class _Vm:
             await self._start_virtiofsd(s.host_path, sock, s.read_only, i)
             share_socks.append((f"share{i}", sock))
 
+        root, root_format, root_snapshot = self.handle.path, "raw", True
+        if launch is not None and launch.fresh_overlay:
+            root, root_format, root_snapshot = d / "root.qcow2", "qcow2", False
+            await anyio.to_thread.run_sync(make_overlay, self.handle.path, root)
+        elif launch is not None and launch.root is not None:
+            root, root_format = launch.root, "qcow2"
         argv = qemu_argv(
             qemu=self.backend.qemu, accel=self.accel, vcpus=cfg.vcpus, memory_mib=cfg.memory_mib,
             vmlinux=kernel.vmlinux, initrd=initrd, append=kernel_cmdline(self.accel, token),
-            rootfs=self.handle.path, out_sock=out_sock, klog=d / "console.log", agent_sock=agent_sock,
-            shares=share_socks, net=cfg.tsi.value == "internet", name=f"hotbox-{self.rundir.vm_id}")
+            rootfs=root, out_sock=out_sock,
+            klog=d / "console.log", agent_sock=agent_sock, shares=share_socks, net=internet,
+            name=f"hotbox-{self.rundir.vm_id}", hostfwd=hostfwd, restrict=not internet,
+            qmp_sock=self.qmp_sock, incoming=launch is not None and launch.incoming,
+            root_format=root_format, root_snapshot=root_snapshot)
         qlog = open(d / "qemu.log", "wb")  # noqa: SIM115 - closed in close()
         self._log_files.append(qlog)
         env_q = {**os.environ, "TMPDIR": str(d)}  # snapshot=on puts its overlay in TMPDIR: ours is reaped
@@ -541,3 +616,12 @@ class QemuBackend(InitBackend):
 
     def _new_vm(self, config: VmConfig, handle: RootfsHandle, *, agent: bool) -> _Vm:
         return _Vm(self, config, handle, agent=agent)
+
+    def new_warm_vm(self, config: VmConfig, handle: RootfsHandle, launch: WarmLaunch) -> _Vm:
+        """A not yet started VM for :mod:`.snapshot` (``await vm.start(RunInfo())`` boots it)."""
+        self._check_handle(handle)
+        return _Vm(self, config, handle, agent=True, launch=launch)
+
+    async def guest_parts(self) -> tuple[GuestKernel, Path, Accel]:
+        """The guest kernel, the base initramfs and the accelerator VMs of this backend use."""
+        return await self._ensure()

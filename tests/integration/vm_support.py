@@ -41,7 +41,7 @@ def drop_session_cache() -> Iterator[None]:
     from hotbox_jupyter.settings import load_settings
 
     cache = load_settings().cache_dir
-    for sub in (cache / "rootfs", cache / "vm" / "images"):
+    for sub in (cache / "rootfs", cache / "vm" / "images", cache / "vm" / "snapshots"):
         shutil.rmtree(sub, ignore_errors=True)
 
 
