@@ -35,6 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+from hotbox_warm import find_port  # noqa: E402 - importable once HERE is on sys.path
+
 
 class Channel:
     """The line-framed JSON channel to the host."""
@@ -82,18 +84,6 @@ class Channel:
         except ValueError:
             return {"op": "invalid", "line": line[:200].decode("utf-8", "replace")}
         return msg if isinstance(msg, dict) else {"op": "invalid"}
-
-
-def find_port(name: str) -> str:
-    base = "/sys/class/virtio-ports"
-    for entry in sorted(os.listdir(base)):
-        try:
-            with open(os.path.join(base, entry, "name")) as f:
-                if f.read().strip() == name:
-                    return "/dev/" + entry
-        except OSError:
-            continue
-    raise SystemExit(f"agent: no virtio port named {name!r}")
 
 
 class Pump(threading.Thread):

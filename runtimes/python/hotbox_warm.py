@@ -24,7 +24,7 @@ import random
 import struct
 import time
 
-__all__ = ["receive", "send", "wait_for_start"]
+__all__ = ["find_port", "receive", "send", "wait_for_start"]
 
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207      # _IO('R', 0x07)
@@ -57,7 +57,8 @@ class _Channel:
         return msg if isinstance(msg, dict) else {"op": "invalid"}
 
 
-def _find_port(name: str) -> str:
+def find_port(name: str) -> str:
+    """The /dev path of the virtio-serial port called ``name``."""
     base = "/sys/class/virtio-ports"
     for entry in sorted(os.listdir(base)):
         try:
@@ -66,14 +67,14 @@ def _find_port(name: str) -> str:
                     return "/dev/" + entry
         except OSError:
             continue
-    raise SystemExit(f"hotbox_warm: no virtio port named {name!r}")
+    raise SystemExit(f"hotbox: no virtio port named {name!r}")
 
 
 def _get() -> _Channel:
     global _channel
     if _channel is None:
         spec = os.environ.get("AGENT_PORT", "virtio:hotbox.agent")
-        _channel = _Channel(_find_port(spec[len("virtio:"):]) if spec.startswith("virtio:") else spec)
+        _channel = _Channel(find_port(spec[len("virtio:"):]) if spec.startswith("virtio:") else spec)
     return _channel
 
 
