@@ -29,6 +29,7 @@ from IPython.core import magic, magic_arguments
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics
 from IPython.display import display as _display
+from pydantic import PrivateAttr
 
 from ..errors import BoxFailedError, ConfigError, EngineUnavailableError, HotboxError
 from ..models import BoxConf, ExitReason, TaskInfo, TaskResult, parse_size
@@ -330,6 +331,7 @@ class HotboxMagics(Magics):
         self._followers: dict[str, threading.Thread] = {}
         self.views: dict[str, Any] = {}
         """The TaskView of each ``--async`` cell of this session, by task id."""
+        self._size_tables: list[Any] = []
 
     @property
     def engine(self) -> ModuleType:
@@ -363,22 +365,16 @@ class HotboxMagics(Magics):
             # Checked as BoxConf checks it, before it is kept.
             self.session.image = BoxConf(image=args.image).image
         if args.size is not None:
-            self.session.size = str(parse_size(args.size))
+            self._set_default_size(args.size)
         if args.max_output is not None:
             self.session.max_output = parse_amount("--max-output", args.max_output)
         print(self.session.describe())
 
     def _cmd_tasks(self, args: argparse.Namespace) -> Any:
-        from .widgets import TasksTable
+        from .widgets import TaskMonitor, TaskSource
 
-        tasks = self.engine.tasks()
-        statuses: dict[str, Any] = {}
-        for t in tasks:
-            try:
-                statuses[t.id] = self.engine.status(t.id)
-            except HotboxError:
-                statuses[t.id] = "unknown"
-        return TasksTable(tasks, statuses)
+        source: TaskSource = self.engine  # the box facade is one
+        return TaskMonitor(source)
 
     def _cmd_logs(self, args: argparse.Namespace) -> None:
         text: str = self.engine.logs(args.task_id)
@@ -399,14 +395,36 @@ class HotboxMagics(Magics):
         print(f"task {args.task_id} cancelled")
 
     def _cmd_sizes(self, args: argparse.Namespace) -> Any:
-        from .widgets import SizesTable
+        from .widgets import SizeTable
 
-        return SizesTable(self.engine.sizes())
+        table = SizeTable(self.engine.sizes(), default=self.session.size, on_select=self._set_default_size,
+                          tiers=self._isolation_tiers())
+        self._size_tables = [t for t in self._size_tables if t.comm is not None] + [table]
+        return table
+
+    def _set_default_size(self, size: str) -> None:
+        """A size row was clicked: following %%hotbox cells get that size (and its memory limit)."""
+        self.session.size = str(parse_size(size))
+        for table in self._size_tables:
+            if table.comm is not None and table.default != self.session.size:
+                table.show_default(self.session.size)
+
+    def _isolation_tiers(self) -> list[tuple[str, bool, str]] | None:
+        """The isolation tiers the engine says this host can run, or None if it does not say."""
+        probe = getattr(self.engine, "isolation_tiers", None)
+        if probe is None:
+            return None
+        try:
+            tiers = probe()
+        except HotboxError as exc:
+            log.warning("could not list the isolation tiers: %s", exc)
+            return None
+        return [_tier_row(t) for t in tiers]
 
     def _cmd_quota(self, args: argparse.Namespace) -> Any:
-        from .widgets import QuotaView
+        from .widgets import QuotaWidget
 
-        return QuotaView(self.engine.quota())
+        return QuotaWidget(self.engine.quota)
 
     # -- %%hotbox ---------------------------------------------------------------------------------------
 
@@ -529,7 +547,7 @@ class HotboxMagics(Magics):
         else:
             renderer.note(f"interrupted: task {task.id}")
 
-    def _run_async(self, task: TaskInfo, args: argparse.Namespace) -> TaskInfo:
+    def _run_async(self, task: TaskInfo, args: argparse.Namespace) -> AsyncTask:
         from .widgets import TaskView
 
         engine = self.engine
@@ -568,9 +586,8 @@ class HotboxMagics(Magics):
         self.views[task.id] = view
         thread = threading.Thread(target=follow, daemon=True, name=f"hotbox-follow-{task.id}")
         self._followers[task.id] = thread
-        display(view)
         thread.start()
-        return task
+        return AsyncTask.showing(task, view)
 
     def _cancel_quietly(self, task_id: str) -> None:
         try:
@@ -605,7 +622,47 @@ def _engine_warning(engine: ModuleType) -> None:
             log.warning("Hot Box could not start: %s", err or exc)
 
 
+def _tier_row(tier: Any) -> tuple[str, bool, str]:
+    """One isolation tier as (name, available, detail), whatever shape the engine reports it in."""
+    if isinstance(tier, tuple | list) and tier:
+        parts = list(tier)
+        return (str(parts[0]), bool(parts[1]) if len(parts) > 1 else True,
+                str(parts[2] or "") if len(parts) > 2 else "")
+    name = getattr(tier, "name", None) or getattr(tier, "value", None) or str(tier)
+    ok = getattr(tier, "available", True)
+    detail = getattr(tier, "detail", "") or getattr(tier, "reason", "") or ""
+    return str(name), bool(ok), str(detail)
+
+
+class AsyncTask(TaskInfo):
+    """What ``%%hotbox --async`` returns: the task's TaskInfo, shown as its live view (status, Stop
+    button, output) instead of its repr, so the cell's output holds the view once."""
+
+    _view: Any = PrivateAttr(default=None)
+
+    @classmethod
+    def showing(cls, task: TaskInfo, view: Any) -> AsyncTask:
+        """The TaskInfo ``task``, displayed as ``view``."""
+        made = cls(**task.model_dump())
+        made._view = view
+        return made
+
+    @property
+    def view(self) -> Any:
+        """The TaskView of the cell."""
+        return self._view
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any] | None:
+        if self._view is None:
+            return None
+        bundle: dict[str, Any] | None = self._view._repr_mimebundle_()
+        return bundle
+
+
 def _pretty_task_info(info: TaskInfo, p: Any, cycle: bool) -> None:
+    if isinstance(info, AsyncTask) and info.view is not None:
+        p.text(info.view.text())
+        return
     p.text(f"TaskInfo(id={info.id!r}, stream_id={info.stream_id!r}, image={info.image!r}, size={info.size.value!r}, "
            f"created_at={info.created_at.isoformat(timespec='seconds')!r})")
 
@@ -637,11 +694,14 @@ def load_ipython_extension(ipython: InteractiveShell) -> None:
 
 
 def unload_ipython_extension(ipython: InteractiveShell) -> None:
-    """``%unload_ext hotbox_jupyter``: stop followed async boxes and remove the magics."""
+    """``%unload_ext hotbox_jupyter``: stop followed async boxes and live views, and remove the magics."""
     magics = _loaded.pop(id(ipython), None)
     if magics is None:
         return
     magics.close()
+    from .widgets import TICKER
+
+    TICKER.stop()
     plain = ipython.display_formatter.formatters["text/plain"]  # type: ignore[union-attr]
     for cls in _PRETTY:
         plain.type_printers.pop(cls, None)

@@ -24,7 +24,7 @@ from hotbox_jupyter import box
 from hotbox_jupyter.errors import BoxFailedError, ConfigError, ImageDeniedError
 from hotbox_jupyter.models import ExitReason, TaskInfo, TaskResult, TaskStatus
 from hotbox_jupyter.notebook.render import BoxValue
-from hotbox_jupyter.notebook.widgets import QuotaView, SizesTable, TasksTable, TaskView
+from hotbox_jupyter.notebook.widgets import QuotaWidget, SizeTable, TaskMonitor, TaskView
 from hotbox_jupyter.owner import LABEL_TASK
 
 pytestmark = [pytest.mark.docker]
@@ -256,6 +256,9 @@ def test_async_returns_at_once_and_streams_into_its_view(shell: InteractiveShell
     task = res.result
     assert isinstance(task, TaskInfo)
     view = _view(shell, task.id)
+    # The cell shows the view once, not the view and then the TaskInfo's repr.
+    shown = shell.display_formatter.format(task)[0]
+    assert "application/vnd.jupyter.widget-view+json" in shown and "TaskInfo(" not in shown["text/plain"]
     # Other cells run meanwhile.
     _res2, out2, _, _ = run("print('meanwhile', 1 + 1)")
     assert "meanwhile 2" in out2.text
@@ -290,9 +293,9 @@ def test_async_stop_button_cancels(shell: InteractiveShell, run: Any) -> None:
     result = box.wait(task.id, timeout=30)
     assert result.reason is ExitReason.CANCELLED
     deadline = time.monotonic() + 10
-    while view.state != "failed" and time.monotonic() < deadline:
+    while view.state != "cancelled" and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert view.state == "failed"
+    assert view.state == "cancelled"  # a cancel is not a failure
     assert not _containers_of(task.id)
 
 
@@ -302,14 +305,18 @@ def test_line_magics(shell: InteractiveShell, run: Any) -> None:
     shown = shell.display_formatter.format(shell.user_ns["quick"])[0]["text/plain"]
     assert shown.startswith(f"TaskResult(id={task_id!r}, status='succeeded'") and "console_output=<" in shown
     tasks = shell.run_line_magic("hotbox", "tasks")
-    assert isinstance(tasks, TasksTable) and task_id in repr(tasks)
+    assert isinstance(tasks, TaskMonitor) and task_id in tasks.text()
+    assert tasks.states()[task_id] == "succeeded"
+    tasks.close()
     with capture_output() as cap:
         shell.run_line_magic("hotbox", f"logs {task_id}")
     assert "logged-line" in cap.stdout
     sizes = shell.run_line_magic("hotbox", "sizes")
-    assert isinstance(sizes, SizesTable) and "2xlarge" in sizes.text() and "256 MB" in sizes.text()
+    assert isinstance(sizes, SizeTable) and "2xlarge" in sizes.text() and "256 MB" in sizes.text()
+    sizes.close()
     quota = shell.run_line_magic("hotbox", "quota")
-    assert isinstance(quota, QuotaView) and "CUS" in quota.text()
+    assert isinstance(quota, QuotaWidget) and "CUS" in quota.text()
+    quota.close()
 
     res, _, _, _ = run("%%hotbox hotbox/shell --async\nsleep 60")
     with capture_output() as cap:
