@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import docker
@@ -49,14 +48,6 @@ class Recorder(io.TextIOBase):
     @property
     def text(self) -> str:
         return "".join(s for _, s in self.writes)
-
-
-@pytest.fixture(scope="module")
-def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "hotbox_jupyter")
-    yield ip
-    ip.run_line_magic("unload_ext", "hotbox_jupyter")
 
 
 @pytest.fixture

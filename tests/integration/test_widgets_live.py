@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -18,19 +17,10 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from hotbox_jupyter import box
 from hotbox_jupyter.models import SIZES, BoxSize, ExitReason
-from hotbox_jupyter.notebook.widgets import TICKER, QuotaWidget, SizeTable, TaskMonitor
+from hotbox_jupyter.notebook.widgets import QuotaWidget, SizeTable, TaskMonitor
 from hotbox_jupyter.owner import LABEL_TASK
 
 pytestmark = [pytest.mark.docker]
-
-
-@pytest.fixture(scope="module")
-def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "hotbox_jupyter")
-    yield ip
-    ip.run_line_magic("unload_ext", "hotbox_jupyter")
-    assert not [t for t in threading.enumerate() if t.name == TICKER.name], "the live thread outlived the extension"
 
 
 def _wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
