@@ -289,6 +289,7 @@ class ExitReason(str, enum.Enum):
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
     ERROR = "error"  # could not be started or lost (engine error); detail says what
+    NODE_LOST = "node_lost"  # the cluster node running the box went down mid-task (swarm engine)
 
     def __str__(self) -> str:
         return self.value

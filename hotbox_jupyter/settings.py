@@ -12,6 +12,15 @@ Project config is ``hot.toml`` in the current directory or the nearest parent::
     max_concurrent = 4          # boxes running at once
     network = true              # whether network="internet" is allowed
 
+    [hot.cluster]               # where boxes run (default: the local Docker engine)
+    engine = "swarm"            # "local" (default) or "swarm"; HOTBOX_ENGINE overrides it
+    manager = "tcp://mgr:2376"  # the swarm manager's Docker API (default: DOCKER_HOST)
+    tls_ca = "/etc/hotbox/ca.pem"   # TLS to the manager: all three, or DOCKER_TLS_VERIFY + DOCKER_CERT_PATH
+    tls_cert = "/etc/hotbox/cert.pem"
+    tls_key = "/etc/hotbox/key.pem"
+    registry = "registry.lan:5000"  # where the nodes pull the hotbox/* images (`hotbox images push`)
+    storage = "/srv/hotbox"     # a shared filesystem mounted at this path on this machine and every node
+
 The directory holding ``hot.toml`` (or the current directory) is the project: it scopes ``hot://``
 storage and the CUS ledger. ``HOTBOX_HOME`` moves all of hotbox's own files (default: the user data dir).
 """
@@ -23,10 +32,10 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from platformdirs import user_data_path
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .models import HotModel
@@ -36,7 +45,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Plan", "Project", "Settings", "hotbox_home", "load_settings"]
+__all__ = ["Cluster", "Plan", "Project", "Settings", "hotbox_home", "load_settings"]
 
 CONFIG_NAME = "hot.toml"
 _FALSE = {"0", "false", "no", "off"}
@@ -57,6 +66,52 @@ class Plan(HotModel):
     max_tasks: int | None = Field(default=None, ge=0, description="Total tasks; None is unlimited")
     max_concurrent: int = Field(default=8, ge=1, description="Boxes running at once")
     network: bool = Field(default=True, description='Whether network="internet" is allowed')
+
+
+class Cluster(HotModel):
+    """Where boxes run (``[hot.cluster]``): the local engine, or a Docker Swarm through its manager."""
+
+    engine: Literal["local", "swarm"] = Field(default="local", description='"local" (default) or "swarm"')
+    manager: str | None = Field(default=None, description="Docker API address of a swarm manager "
+                                "(unix://, tcp://host:port); default: DOCKER_HOST")
+    tls_ca: Path | None = Field(default=None, description="CA certificate of the manager's TLS endpoint")
+    tls_cert: Path | None = Field(default=None, description="client certificate for the manager")
+    tls_key: Path | None = Field(default=None, description="client key for the manager")
+    registry: str | None = Field(default=None, description="host:port of the registry the nodes pull hotbox/* from")
+    storage: Path | None = Field(default=None, description="shared directory (same path on every node) behind hot://")
+
+    @field_validator("manager")
+    @classmethod
+    def _manager(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("unix://", "tcp://", "http://", "https://", "ssh://")):
+            raise ValueError(f"manager {v!r} must be a Docker API address: unix:///path, tcp://host:port, "
+                             "https://host:port or ssh://user@host")
+        return v
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or any(c.isspace() for c in v)):
+            raise ValueError(f"registry {v!r} must be host[:port], e.g. 'registry.lan:5000'")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError(f"storage {str(v)!r} must be an absolute path (the same on every node)")
+        return v
+
+    def tls_files(self) -> tuple[Path, Path, Path] | None:
+        """(ca, cert, key) when TLS to the manager is configured here."""
+        given = [self.tls_ca, self.tls_cert, self.tls_key]
+        if not any(given):
+            return None
+        if not all(given):
+            raise ConfigError.invalid("hot.cluster.tls_ca/tls_cert/tls_key", [str(p) for p in given],
+                                      "all three files, or none (then DOCKER_TLS_VERIFY/DOCKER_CERT_PATH apply)")
+        assert self.tls_ca and self.tls_cert and self.tls_key
+        return self.tls_ca, self.tls_cert, self.tls_key
 
 
 class Project(HotModel):
@@ -82,10 +137,13 @@ class Settings(HotModel):
     plan: Plan = Plan()
     home: Path
     config_file: Path | None = None
+    cluster: Cluster = Cluster()
 
     @property
     def storage_dir(self) -> Path:
-        """Host side of ``hot://`` for this project."""
+        """Host side of ``hot://`` for this project (on the shared storage when a swarm has one)."""
+        if self.cluster.engine == "swarm" and self.cluster.storage is not None:
+            return self.cluster.storage / self.project.id
         return self.home / "storage" / self.project.id
 
     @property
@@ -143,6 +201,24 @@ def load_settings(cwd: Path | None = None) -> Settings:
     if env is not None and env.strip():
         enabled, source = _parse_bool("HOT_BOX_ENABLED", env), "HOT_BOX_ENABLED"
     plan = Plan.model_validate(hot.get("plan", {}))
+    cluster = _cluster(hot.get("cluster", {}))
     root = cfg_file.parent if cfg_file else cwd
     return Settings(enabled=enabled, enabled_source=source, project=Project.at(root), plan=plan,
-                    home=hotbox_home(), config_file=cfg_file)
+                    home=hotbox_home(), config_file=cfg_file, cluster=cluster)
+
+
+def _cluster(table: Any) -> Cluster:
+    """``[hot.cluster]`` with the environment on top: HOTBOX_ENGINE, HOTBOX_REGISTRY, HOTBOX_SHARED_STORAGE."""
+    if not isinstance(table, dict):
+        raise ConfigError.invalid("hot.cluster", table, "a table such as [hot.cluster] engine = \"swarm\"")
+    data = dict(table)
+    for var, key in (("HOTBOX_ENGINE", "engine"), ("HOTBOX_REGISTRY", "registry"),
+                     ("HOTBOX_SHARED_STORAGE", "storage")):
+        value = os.environ.get(var, "").strip()
+        if value:
+            data[key] = value
+    try:
+        cluster: Cluster = Cluster.model_validate(data)
+        return cluster
+    except ValidationError as exc:
+        raise ConfigError.from_validation("hot.cluster", exc) from exc

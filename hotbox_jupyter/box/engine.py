@@ -32,8 +32,9 @@ from ..errors import EngineUnavailableError, HotboxError, ImageError
 from ..models import BoxConf, Limits
 from ..owner import LABEL_MANAGED, LABEL_PROJECT, LABEL_TASK
 from ..paths import GUEST_RUNTIMES
+from ..settings import Settings
 
-__all__ = ["WRITABLE_CAPS", "BoxSpec", "Engine", "translated"]
+__all__ = ["WRITABLE_CAPS", "BoxSpec", "Engine", "connect_engine", "translated"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class BoxSpec:
     labels: dict[str, str]
     stdin: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    stdin_data: bytes | None = None  # for engines that cannot attach (swarm): the bytes go into the spec
 
     def command(self) -> tuple[list[str] | None, list[str] | None]:
         """(entrypoint, cmd): ``script`` runs under ``sh -c 'set -ex ...'`` with the entrypoint cleared."""
@@ -208,7 +210,13 @@ class AttachedStream:
 
 
 class Engine:
-    """A warm docker-py client: one connection pool reused by every box (that is what makes start fast)."""
+    """A warm docker-py client: one connection pool reused by every box (that is what makes start fast).
+
+    The task manager's seam to where boxes run; :class:`~hotbox_jupyter.box.swarm.SwarmEngine` is the other.
+    """
+
+    # Whether /data is a disk the task manager makes on this machine (else the engine provides it).
+    local_data = True
 
     def __init__(self) -> None:
         with translated("connecting to the Docker engine"):
@@ -296,6 +304,15 @@ class Engine:
         """Every container hotbox labelled, of any owner, running or not."""
         with translated("listing containers"):
             return list(self.api.containers(all=True, filters={"label": LABEL_MANAGED}))
+
+
+def connect_engine(settings: Settings) -> Engine:
+    """The engine boxes run on: the local Docker engine, or a swarm manager (``[hot.cluster] engine``)."""
+    if settings.cluster.engine == "swarm":
+        from .swarm import SwarmEngine
+
+        return SwarmEngine(settings.cluster)
+    return Engine()
 
 
 def _probe(base_url: str) -> None:

@@ -54,7 +54,7 @@ from ..paths import runtimes_dir
 from ..settings import Settings
 from . import policy
 from .billing import Ledger
-from .engine import LABEL_STATE_DIR, AttachedStream, BoxSpec, Engine, task_labels
+from .engine import LABEL_STATE_DIR, AttachedStream, BoxSpec, Engine, connect_engine, task_labels
 from .storage import DataDisk, ProjectStorage, destroy_disk_dir
 
 __all__ = ["Cursor", "TaskManager", "describe_exit"]
@@ -338,7 +338,7 @@ class TaskManager:
         if self._engine is not None:
             return self._engine
         try:
-            self._engine = await self._thread(Engine)
+            self._engine = await self._thread(connect_engine, self.settings)
             self._engine_error = None
         except EngineUnavailableError as exc:
             if warn:
@@ -464,7 +464,7 @@ class TaskManager:
         async def create(env: list[str]) -> str:
             spec = BoxSpec(task_id=task.info.id, conf=conf, limits=task.limits, image_env=env,
                            runtimes=runtimes_dir(), storage=self.storage.root, data=disk.path, state_dir=task.dir,
-                           labels=task.labels, stdin=task.stdin is not None,
+                           labels=task.labels, stdin=task.stdin is not None, stdin_data=task.stdin,
                            extra_env={"TINI_KILL_PROCESS_GROUP": "1", "HOTBOX_TASK_ID": task.info.id})
             with anyio.CancelScope(shield=True):  # a created container must be recorded, or it would leak
                 cid = await self._thread(engine.create, spec)
@@ -492,7 +492,8 @@ class TaskManager:
         await self._thread(disk.path.mkdir, 0o755, True, True)
         async with anyio.create_task_group() as prep:
             prep.start_soon(container)
-            prep.start_soon(make_disk)
+            if engine.local_data:
+                prep.start_soon(make_disk)
             prep.start_soon(self._thread, self.storage.ensure)
         assert task.container_id is not None
         stream = streams[0]
@@ -564,6 +565,10 @@ class TaskManager:
                 message += " before it started"
         elif error is not None:
             reason, message = ExitReason.ERROR, error
+        elif state and state.get("NodeLost"):
+            reason, exit_code = ExitReason.NODE_LOST, None
+            message = (f"node lost: the cluster node running the box went down (node {state.get('NodeID')}); "
+                       "its output up to then is kept")
         elif timed_out:
             reason = ExitReason.TIMEOUT
             message = f"timed out: killed after its timeout of {lim.timeout_s} s (timeout={lim.timeout_s})"
