@@ -108,6 +108,16 @@ class Node:
         return _sh("docker", "-H", self.docker_host, *args, check=check, stdin=stdin, timeout=timeout)
 
 
+def _dockerd_argv(node: Node) -> list[str]:
+    """A node's engine: its own everything, no default bridge, no-new-privileges for every container."""
+    return ["nsenter", f"--net={NETNS_DIR / node.ns}", "dockerd",
+            "--data-root", str(node.root / "data"), "--exec-root", str(node.run / "exec"),
+            "--pidfile", str(node.pidfile), "-H", node.docker_host,
+            "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip6tables=false",
+            "--no-new-privileges", "--cgroup-parent", node.cgroup_parent,
+            "--insecure-registry", f"{SUBNET}.0/24", "--storage-driver", "overlay2", "--log-level", "warn"]
+
+
 @dataclass
 class SwarmLab:
     """Three (by default) dockerd engines in network namespaces, joined into one swarm, and a registry."""
@@ -185,8 +195,8 @@ class SwarmLab:
         root = self.base / "registry"
         root.mkdir(parents=True)
         config = root / "config.yml"
-        config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {root}/data\n"
-                          f"http:\n  addr: {REGISTRY}\n")
+        config.write_text("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+                          f"    rootdirectory: {root}/data\nhttp:\n  addr: {REGISTRY}\n")
         log = open(root / "registry.log", "wb")  # noqa: SIM115 - the child keeps it
         with log:
             self.registry_proc = subprocess.Popen(
@@ -199,18 +209,11 @@ class SwarmLab:
             time.sleep(0.1)
 
     def _start_engine(self, node: Node) -> None:
-        data = node.root / "data"
-        data.mkdir(parents=True)
+        (node.root / "data").mkdir(parents=True)
         log = open(node.root / "dockerd.log", "wb")  # noqa: SIM115 - the child keeps it
         with log:
             node.proc = subprocess.Popen(
-                ["nsenter", f"--net={NETNS_DIR / node.ns}", "dockerd",
-                 "--data-root", str(data), "--exec-root", str(node.run / "exec"),
-                 "--pidfile", str(node.pidfile), "-H", node.docker_host,
-                 "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip6tables=false",
-                 "--no-new-privileges", "--cgroup-parent", node.cgroup_parent,
-                 "--insecure-registry", f"{SUBNET}.0/24", "--storage-driver", "overlay2",
-                 "--log-level", "warn"],
+                _dockerd_argv(node),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _wait_engine(self, node: Node, timeout: float = 60) -> None:
@@ -279,15 +282,8 @@ class SwarmLab:
             (node.run / "exec" / "containerd" / "containerd.pid").unlink()
         log = open(node.root / "dockerd.log", "ab")  # noqa: SIM115
         with log:
-            data = node.root / "data"
             node.proc = subprocess.Popen(
-                ["nsenter", f"--net={NETNS_DIR / node.ns}", "dockerd",
-                 "--data-root", str(data), "--exec-root", str(node.run / "exec"),
-                 "--pidfile", str(node.pidfile), "-H", node.docker_host,
-                 "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip6tables=false",
-                 "--no-new-privileges", "--cgroup-parent", node.cgroup_parent,
-                 "--insecure-registry", f"{SUBNET}.0/24", "--storage-driver", "overlay2",
-                 "--log-level", "warn"],
+                _dockerd_argv(node),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self._wait_engine(node)
 
