@@ -10,6 +10,7 @@ Every exception the package raises on purpose derives from :class:`HotboxError`:
     │   ├── ImageDeniedError               image on the denylist
     │   └── QuotaExceededError             CUS, task or network limits of the plan
     ├── ImageError                         image missing, pull or build failed
+    ├── LimitError                         a limit (disk size, storage quota) this host cannot enforce
     ├── TaskNotFoundError (also KeyError)  unknown task or stream id
     ├── BoxFailedError                     a task ended other than with exit 0 (carries the TaskResult)
     └── HotcellError                       everything about microVMs
@@ -39,6 +40,7 @@ __all__ = [
     "HotcellError",
     "ImageDeniedError",
     "ImageError",
+    "LimitError",
     "PolicyError",
     "QuotaExceededError",
     "RootfsError",
@@ -115,6 +117,13 @@ class QuotaExceededError(PolicyError):
 
 class ImageError(HotboxError):
     """The image is missing locally and could not be pulled or built."""
+
+
+class LimitError(HotboxError):
+    """A limit of the box (a disk size, the project's storage quota) cannot be enforced on this host.
+
+    The box is refused rather than run without it; the message says which limit and what is missing.
+    """
 
 
 class TaskNotFoundError(HotboxError, KeyError):

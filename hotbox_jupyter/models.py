@@ -286,6 +286,7 @@ class ExitReason(str, enum.Enum):
     TIMEOUT = "timeout"
     OOM = "oom"
     PIDS = "pids"
+    DISK = "disk"  # a disk cap was hit (writable root, /data, /tmp or the project's hot:// storage)
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
     ERROR = "error"  # could not be started or lost (engine error); detail says what

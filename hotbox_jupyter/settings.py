@@ -11,6 +11,7 @@ Project config is ``hot.toml`` in the current directory or the nearest parent::
     max_tasks = 1000            # total tasks; omit for unlimited
     max_concurrent = 4          # boxes running at once
     network = true              # whether network="internet" is allowed
+    storage_mb = 2048           # quota of the project's hot:// storage (a disk of its own)
 
     [hot.cluster]               # where boxes run (default: the local Docker engine)
     engine = "swarm"            # "local" (default) or "swarm"; HOTBOX_ENGINE overrides it
@@ -66,6 +67,8 @@ class Plan(HotModel):
     max_tasks: int | None = Field(default=None, ge=0, description="Total tasks; None is unlimited")
     max_concurrent: int = Field(default=8, ge=1, description="Boxes running at once")
     network: bool = Field(default=True, description='Whether network="internet" is allowed')
+    storage_mb: int = Field(default=2048, ge=1, le=1024 * 1024,
+                            description="Quota of the project's hot:// storage in MB (a disk of its own)")
 
 
 class Cluster(HotModel):

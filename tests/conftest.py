@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hotbox_jupyter.box.storage import unmount_storage
 from hotbox_jupyter.owner import LABEL_MANAGED, LABEL_OWNER_PID
 from hotbox_jupyter.settings import hotbox_home as hotbox_home_dir
 
@@ -29,12 +30,21 @@ def hotbox_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["HOTBOX_CACHE"] = str(hotbox_home_dir() / "cache")
     os.environ["HOTBOX_HOME"] = str(home)
     yield home
+    unmount_storage(home)  # projects' hot:// disks stay mounted by design; the run's home goes away
+    left = _mounts_under(home)
+    assert not left, f"disks left mounted by the test suite: {left}"
     if not cache_set:
         os.environ.pop("HOTBOX_CACHE", None)
     if old is None:
         os.environ.pop("HOTBOX_HOME", None)
     else:
         os.environ["HOTBOX_HOME"] = old
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
 
 
 def _our_containers() -> list[str]:

@@ -9,7 +9,10 @@ Security model (the seed's, enforced by Docker and tried by ``tests/integration/
   ``no-new-privileges``, no network (``network_mode="none"`` leaves only ``lo``);
 * writable box: writable root, uid 0 with :data:`WRITABLE_CAPS` only, at most 512 processes;
 * both: memory limit with no swap on top, a CPU share, ``/tmp`` a size-limited tmpfs, ``/data`` a
-  size-limited disk, tini as pid 1 (``init``) so that signals reach the code and zombies are reaped.
+  size-limited disk, tini as pid 1 (``init``) so that signals reach the code and zombies are reaped;
+* a writable root lives on a disk of the size's ``disk_mb`` (:class:`~hotbox_jupyter.box.storage.RootDisk`),
+  mounted by :meth:`Engine.create` and unmounted by :meth:`Engine.remove`; ``/hot`` is the project's
+  own ``nosuid,nodev`` disk (:class:`~hotbox_jupyter.box.storage.ProjectStorage`).
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import docker.errors
 import docker.utils
 import requests.exceptions
 
-from ..errors import EngineUnavailableError, HotboxError, ImageError
+from ..errors import EngineUnavailableError, HotboxError, ImageError, LimitError
 from ..models import BoxConf, Limits
 from ..owner import LABEL_MANAGED, LABEL_PROJECT, LABEL_TASK
 from ..paths import GUEST_RUNTIMES
 from ..settings import Settings
+from . import policy
+from .storage import RootDisk
 
 __all__ = ["WRITABLE_CAPS", "BoxSpec", "Engine", "connect_engine", "translated"]
 
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Where the task's state directory is, so a reaper in another process finds the /data disk to unmount.
 LABEL_STATE_DIR = "io.hotbox.state-dir"
+# On a box whose writable root is a disk of this many MB mounted over its layer (see RootDisk).
+LABEL_ROOT_DISK = "io.hotbox.root-disk-mb"
 
 # Root in a writable box may install packages (apt/apk/pip chown and setuid files, drop to service
 # users, bind low ports in its own namespace, signal its own children) but gets nothing that reaches
@@ -138,7 +145,8 @@ class BoxSpec:
             "entrypoint": entrypoint,
             "environment": self.environment(),
             "user": lim.user,
-            "labels": {**self.labels, LABEL_STATE_DIR: str(self.state_dir)},
+            "labels": {**self.labels, LABEL_STATE_DIR: str(self.state_dir),
+                       **({} if lim.read_only else {LABEL_ROOT_DISK: str(lim.disk_mb)})},
             "host_config": host_config,
             "stdin_open": self.stdin,  # with attach, docker-py also sets StdinOnce: EOF closes it
             "tty": False,
@@ -241,6 +249,8 @@ class Engine:
                 info = self.api.inspect_image(image)
             except docker.errors.ImageNotFound:
                 return None
+        # An image id, a digest or another registry's name may be a denied image under another name.
+        policy.check_resolved(image, list(info.get("RepoTags") or []) + list(info.get("RepoDigests") or []))
         return list((info.get("Config") or {}).get("Env") or [])
 
     def pull(self, image: str, progress: Callable[[str], None]) -> None:
@@ -251,8 +261,30 @@ class Engine:
         ensure_image(self.client, image, progress)
 
     def create(self, spec: BoxSpec) -> str:
+        """Create the container; a writable one gets its root disk mounted (LimitError if it cannot)."""
         with translated(f"creating the container of task {spec.task_id}"):
-            return str(self.api.create_container(**spec.create_kwargs(self.api))["Id"])
+            cid = str(self.api.create_container(**spec.create_kwargs(self.api))["Id"])
+        if not spec.limits.read_only:
+            try:
+                self._root_disk(cid, spec.limits.disk_mb).attach(spec.state_dir / "root")
+            except BaseException:
+                self.remove(cid)
+                raise
+        return cid
+
+    def _root_disk(self, cid: str, size_mb: int = 0) -> RootDisk:
+        info = self.inspect(cid) or {}
+        driver = info.get("GraphDriver") or {}
+        layer = RootDisk.layer_of((driver.get("Data") or {}).get("UpperDir"))
+        if layer is None:
+            raise LimitError(f"the writable root's size of {size_mb} MB cannot be enforced: the engine's storage "
+                             f"driver is {driver.get('Name')!r}, not overlay2 on this host's disk")
+        return RootDisk(layer, size_mb)
+
+    def root_disk_full(self, info: dict[str, Any]) -> bool:
+        """Whether the writable root disk of an inspected (stopped, not yet removed) box is full."""
+        layer = RootDisk.layer_of(((info.get("GraphDriver") or {}).get("Data") or {}).get("UpperDir"))
+        return layer is not None and RootDisk(layer, 0).full()
 
     def attach(self, cid: str, stdin: bool) -> AttachedStream:
         """Attach before start so that no byte of output is lost."""
@@ -289,7 +321,16 @@ class Engine:
                     return
                 raise
 
-    def remove(self, cid: str) -> None:
+    def remove(self, cid: str, *, root_disk: bool = False) -> None:
+        """Remove a box (killing it if it runs); ``root_disk``: unmount its root disk first, or the
+        engine could not delete the layer directory under it."""
+        if root_disk:
+            with contextlib.suppress(LimitError):
+                disk = self._root_disk(cid)
+                self.kill(cid, "SIGKILL")
+                with translated("waiting for the container"), contextlib.suppress(requests.exceptions.ReadTimeout):
+                    self.api.wait(cid, timeout=30)
+                disk.detach()
         with translated("removing the container"):
             try:
                 self.api.remove_container(cid, force=True, v=True)

@@ -6,11 +6,8 @@ background task in the manager's task group. docker-py blocks, so each of its ca
 thread (:mod:`hotbox_jupyter.box.engine`); everything else happens on the manager's event loop, which
 for synchronous callers is the shared portal loop (:mod:`hotbox_jupyter.portal`).
 
-Console output is a journal per task: text is appended to ``<state>/tasks/<id>/console.log`` and only
-its byte ranges are kept in memory, next to the few structured events (display data, results,
-progress, the final Exit). A subscriber walks the journal with a cursor, so it replays from the start,
-then follows live, and reads big ranges at once when it falls behind: a flood of hundreds of MB costs
-disk, not memory, and a slow subscriber gets fewer, larger chunks rather than an ever-growing queue.
+Console output is a journal per task (:mod:`hotbox_jupyter.box.journal`), on disk and bounded: a
+flood of any size costs a few MB of disk and little memory, and subscribers replay, then follow live.
 """
 
 from __future__ import annotations
@@ -25,10 +22,9 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -44,9 +40,10 @@ from ..errors import (
     EngineUnavailableError,
     HotboxError,
     ImageError,
+    LimitError,
     TaskNotFoundError,
 )
-from ..events import Event, Exit, Progress, ResultValue, StderrChunk, StdoutChunk
+from ..events import Event, Exit, Progress, ResultValue, StdoutChunk
 from ..frames import FrameDecoder
 from ..models import BoxConf, ExitReason, Limits, TaskInfo, TaskResult, TaskStatus
 from ..owner import LABEL_OWNER_HOST, LABEL_OWNER_PID, LABEL_OWNER_START, LABEL_TASK, owner_alive, this_owner
@@ -54,19 +51,18 @@ from ..paths import runtimes_dir
 from ..settings import Settings
 from . import policy
 from .billing import Ledger
-from .engine import LABEL_STATE_DIR, AttachedStream, BoxSpec, Engine, connect_engine, task_labels
-from .storage import DataDisk, ProjectStorage, destroy_disk_dir
+from .engine import LABEL_ROOT_DISK, LABEL_STATE_DIR, AttachedStream, BoxSpec, Engine, connect_engine, task_labels
+from .journal import TAIL_CAP, Cursor, Journal
+from .storage import DataDisk, ProjectStorage, destroy_disk_dir, disk_full, disk_limits_unenforceable
 
 __all__ = ["Cursor", "TaskManager", "describe_exit"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# What a TaskResult holds in memory of the console (its tail); the full console stays in console_path.
-RESULT_CAP = 1 << 20
+# What a TaskResult holds in memory of the console (its tail); the kept console stays in console_path.
+RESULT_CAP = TAIL_CAP
 MAX_SPARES = 4
-# Largest chunk handed to a subscriber at once.
-READ_CAP = 1 << 20
 STDOUT, STDERR = 1, 2
 _FORK_FAILED = ("fork: Resource temporarily unavailable", "Cannot fork", "can't fork", "fork failed",
                 "BlockingIOError: [Errno 11] Resource temporarily unavailable")
@@ -89,138 +85,6 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code} (failure)"
 
 
-@dataclass(frozen=True)
-class Cursor:
-    """A subscriber's position in a journal: entry index, and bytes already read of a text entry."""
-
-    index: int = 0
-    offset: int = 0
-
-
-class _Journal:
-    """The event log of one task (see the module docstring)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._size = 0
-        # ("out"|"err", start, end) ranges of console.log, or ("ev", Event)
-        self.entries: list[tuple[Any, ...]] = []
-        self.closed = False
-        self._changed = anyio.Event()
-        self.out_tail = bytearray()
-        self.err_tail = bytearray()
-        self.out_total = 0
-        self.err_total = 0
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    def text(self, kind: Literal["out", "err"], text: str) -> None:
-        if not text or self.closed:
-            return
-        data = text.encode()
-        os.write(self._fd, data)
-        start, self._size = self._size, self._size + len(data)
-        last = self.entries[-1] if self.entries else None
-        if last is not None and last[0] == kind and last[2] == start:
-            self.entries[-1] = (kind, last[1], self._size)
-        else:
-            self.entries.append((kind, start, self._size))
-        tail = self.out_tail if kind == "out" else self.err_tail
-        tail += data
-        if len(tail) > 2 * RESULT_CAP:
-            del tail[: len(tail) - RESULT_CAP]
-        if kind == "out":
-            self.out_total += len(data)
-        else:
-            self.err_total += len(data)
-        self._notify()
-
-    def event(self, ev: Event) -> None:
-        if self.closed:
-            return
-        self.entries.append(("ev", ev))
-        if isinstance(ev, Exit):
-            self.closed = True
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._notify()
-
-    def _read(self, start: int, end: int) -> str:
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
-        return data.decode(errors="replace")
-
-    async def next(self, cur: Cursor) -> tuple[list[Event], Cursor, bool]:
-        """Events after ``cur`` (waiting until there is one), the new cursor, and whether the end was reached."""
-        while self._caught_up(cur) and not self.closed:
-            await self._changed.wait()
-        out: list[Event] = []
-        budget = READ_CAP
-        idx, off = cur.index, cur.offset
-        while idx < len(self.entries) and budget > 0:
-            entry = self.entries[idx]
-            if entry[0] == "ev":
-                out.append(entry[1])
-                idx, off = idx + 1, 0
-                continue
-            kind, start, end = entry
-            begin = start + off
-            stop = min(end, begin + budget)
-            if stop < end:
-                # Cut on a UTF-8 character boundary (continuation bytes are 0b10xxxxxx).
-                with open(self.path, "rb") as f:
-                    f.seek(begin)
-                    raw = f.read(stop - begin)
-                cut = len(raw)
-                while cut > 0 and (raw[cut - 1] & 0xC0) == 0x80:
-                    cut -= 1
-                if cut > 0 and raw[cut - 1] >= 0xC0:
-                    cut -= 1
-                cut = cut or len(raw)
-                text = raw[:cut].decode(errors="replace")
-                off += cut
-                budget -= cut
-            else:
-                text = self._read(begin, end)
-                budget -= end - begin
-                if idx == len(self.entries) - 1 and not self.closed:
-                    # The last text entry grows in place (text() merges adjacent writes): keep the
-                    # reader's place inside it, or what is appended to it would be skipped.
-                    off = end - start
-                    if text:
-                        out.append(StdoutChunk(text) if kind == "out" else StderrChunk(text))
-                    break
-                idx, off = idx + 1, 0
-            if text:
-                out.append(StdoutChunk(text) if kind == "out" else StderrChunk(text))
-        done = self.closed and idx >= len(self.entries)
-        return out, Cursor(idx, off), done
-
-    def _caught_up(self, cur: Cursor) -> bool:
-        """True when nothing after ``cur`` has been journaled yet."""
-        if cur.index >= len(self.entries):
-            return True
-        last = self.entries[-1]
-        return cur.index == len(self.entries) - 1 and last[0] != "ev" and last[1] + cur.offset >= last[2]
-
-    def console_tail(self, cap: int = RESULT_CAP) -> tuple[str, bool]:
-        """The last ``cap`` bytes of the console, and whether that is less than all of it."""
-        with open(self.path, "rb") as f:
-            f.seek(max(0, self._size - cap))
-            data = f.read()
-        if self._size > cap:
-            # Drop a partial character at the start.
-            i = 0
-            while i < len(data) and (data[i] & 0xC0) == 0x80:
-                i += 1
-            data = data[i:]
-        return data.decode(errors="replace"), self._size > cap
-
-
 class _Task:
     """One box: its conf, its life so far, and its journal."""
 
@@ -235,7 +99,7 @@ class _Task:
         self.status = TaskStatus.PENDING
         self.result: TaskResult | None = None
         self.done = anyio.Event()
-        self.journal = _Journal(task_dir / "console.log")
+        self.journal = Journal(task_dir / "console.log")
         self.container_id: str | None = None
         self.cancel_reason: ExitReason | None = None
         self.pending_scope: anyio.CancelScope | None = None
@@ -353,8 +217,8 @@ class TaskManager:
                     labels: dict[str, str] | None = None) -> TaskInfo:
         """Check everything that could refuse the box, then start it in the background and return its TaskInfo.
 
-        Raises ConfigError, BoxDisabledError, ImageDeniedError, EngineUnavailableError or QuotaExceededError;
-        nothing is pulled, created or billed when it does.
+        Raises ConfigError, BoxDisabledError, ImageDeniedError, LimitError, EngineUnavailableError or
+        QuotaExceededError; nothing is pulled, created or billed when it does.
         """
         conf = _as_conf(conf)
         if stdin is not None and not isinstance(stdin, bytes | bytearray):
@@ -367,6 +231,10 @@ class TaskManager:
             how = "HOT_BOX_ENABLED=false" if src == "HOT_BOX_ENABLED" else "hot.box.enabled = false"
             raise BoxDisabledError(f"Hot Box is disabled by {src} ({how}); enable it there to start boxes")
         policy.check_image(conf.image)
+        unenforceable = disk_limits_unenforceable()
+        if unenforceable is not None:
+            raise LimitError(f"the box's disk limits (/data, the hot:// quota, a writable root) cannot be enforced "
+                             f"on this host: {unenforceable}; the box is refused rather than run without them")
         if self._tg is None:
             raise HotboxError("the task manager is not serving; start it with `await tg.start(manager.serve)`")
         await self._connect(warn=False)
@@ -406,6 +274,7 @@ class TaskManager:
         exit_code: int | None = None
         state: dict[str, Any] | None = None
         error: str | None = None
+        full: str | None = None
         pumped = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
@@ -432,13 +301,30 @@ class TaskManager:
         finally:
             with anyio.CancelScope(shield=True):
                 task.ended = task.ended or time.monotonic()
+                info: dict[str, Any] = {}
                 if task.container_id is not None:
                     with contextlib.suppress(HotboxError):
-                        state = (await self._thread(engine.inspect, task.container_id) or {}).get("State")
+                        inspected = await self._thread(engine.inspect, task.container_id)
+                        info = inspected or {}
+                        state = info.get("State")
+                full = await self._thread(self._full_disk, engine, task, disk, info)
+                if task.container_id is not None:
                     with contextlib.suppress(HotboxError):
-                        await self._thread(engine.remove, task.container_id)
+                        await self._thread(lambda: engine.remove(task.container_id or "",
+                                                                 root_disk=not task.limits.read_only))
                 await self._thread(disk.destroy)
-                await self._finish(task, exit_code, timed_out, state, error)
+                await self._finish(task, exit_code, timed_out, state, error, full)
+
+    def _full_disk(self, engine: Engine, task: _Task, disk: DataDisk, info: dict[str, Any]) -> str | None:
+        """Which of the box's disks is full as it ends (checked before they are unmounted), if any."""
+        lim = task.limits
+        if not lim.read_only and info and engine.root_disk_full(info):
+            return f"its writable root filesystem ({lim.disk_mb} MB, the size's disk)"
+        if disk_full(disk.path):
+            return f"/data ({lim.disk_mb} MB, disk-size)"
+        if disk_full(self.storage.root):
+            return f"the project's hot:// storage (/hot, {self.storage.quota_mb} MB, storage_mb in hot.toml)"
+        return None
 
     async def _prepare(self, engine: Engine, task: _Task, disk: DataDisk, tg: TaskGroup, pumped: anyio.Event) -> None:
         """Image, /data disk, container, attached stream; then start it. Cancellable until the container runs."""
@@ -553,7 +439,7 @@ class TaskManager:
         return code, timed_out
 
     async def _finish(self, task: _Task, exit_code: int | None, timed_out: bool, state: dict[str, Any] | None,
-                      error: str | None) -> None:
+                      error: str | None, full: str | None = None) -> None:
         lim = task.limits
         duration = (task.ended - task.started) if (task.started and task.ended) else 0.0
         err_tail = bytes(task.journal.err_tail[-4096:]).decode(errors="replace")
@@ -576,6 +462,11 @@ class TaskManager:
             reason = ExitReason.OOM
             message = (f"out of memory: the box hit its memory limit of {lim.memory_mb} MB and was killed "
                        "(give it more with memory=... or a bigger size)")
+        elif exit_code not in (None, 0) and (full is not None or "No space left on device" in err_tail):
+            reason = ExitReason.DISK
+            where = full or f"a disk (/tmp is {lim.tmp_mb} MB, /data {lim.disk_mb} MB)"
+            message = (f"disk full: the box filled {where} and got 'No space left on device'; "
+                       f"{describe_exit(exit_code)}")
         elif exit_code not in (None, 0) and (task.pids_hit or any(s in err_tail for s in _FORK_FAILED)):
             reason = ExitReason.PIDS
             message = (f"process limit reached: the box may run at most {lim.pids} processes and a fork failed; "
@@ -655,7 +546,11 @@ class TaskManager:
                 return d.enforced
 
             with anyio.CancelScope(shield=True):
-                ok = await self._thread(make)
+                try:
+                    ok = await self._thread(make)
+                except HotboxError as exc:  # a spare is an optimisation: the box itself says what failed
+                    log.debug("no spare disk: %s", exc)
+                    ok = False
             if ok:
                 if self._stop.is_set():
                     await self._thread(_remove_owned_dir, spare)
@@ -750,7 +645,7 @@ class TaskManager:
         """The whole console so far (stdout and stderr interleaved as they arrived); safe from any thread."""
         task = self._task(task_id)
         try:
-            return task.journal.path.read_bytes().decode(errors="replace")
+            return task.journal.console()
         except FileNotFoundError:
             return ""
 
@@ -781,7 +676,7 @@ class TaskManager:
             task_id = labels.get(LABEL_TASK, "")
             log.info("reaping box %s (task %s) of dead process %s", c["Id"][:12], task_id,
                      labels.get(LABEL_OWNER_PID))
-            engine.remove(c["Id"])
+            engine.remove(c["Id"], root_disk=LABEL_ROOT_DISK in labels)
             state = labels.get(LABEL_STATE_DIR)
             if state and task_id:
                 _remove_task_dir(Path(state), task_id)

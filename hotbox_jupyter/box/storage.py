@@ -1,21 +1,29 @@
-"""Host side of a box's writable places: ``hot://`` project storage and the size-limited ``/data`` disk.
+"""Host side of a box's writable places: ``hot://`` project storage, the ``/data`` disk, the writable root.
 
-``hot://`` is the project's storage directory (``settings.storage_dir``), bind-mounted at ``/hot`` in
-every box; the in-box ``hotbox cp`` client maps ``hot://x`` to ``/hot/x``. Boxes write there as uid
-65534 or as root, so what they store is untrusted: the host reads it here without ever following a
-symlink (a box could plant ``hot://evil -> /etc/shadow``), walking each path component with
-``O_NOFOLLOW`` relative to the directory above it.
+Every byte a box writes lands on a disk of its own whose size the kernel enforces, so a full disk is
+ENOSPC in the box and never the host's disk filling up: a sparse file formatted ext4 (no journal:
+mkfs is a few milliseconds even for 50 GB), loop-mounted ``nosuid,nodev`` on the host. It costs almost
+no space until written. Without root or without ``mkfs.ext4``/``mount`` (looked up in ``/usr/sbin`` and
+``/sbin`` too, which a non-root PATH lacks) no limit can be enforced and the box is refused with a
+:class:`~hotbox_jupyter.errors.LimitError`; nothing runs with an unlimited plain directory.
 
-``/data`` is a real disk so that ``disk-size`` is a limit the kernel enforces: a sparse file formatted
-ext4, loop-mounted on the host and bind-mounted into the box. It costs a few milliseconds and almost no
-space until written. Without root (no loop mounts) /data falls back to a plain directory and a warning
-says its size is not enforced.
+* ``/data``: :class:`DataDisk`, one per box, of the size's ``disk_mb`` (or ``disk-size``).
+* writable root: :class:`RootDisk`, mounted over the container's overlay2 layer directory (its upper
+  and work directories must share one mount) between create and start, of the size's ``disk_mb``.
+* ``hot://``: :class:`ProjectStorage`, one disk per project of the plan's ``storage_mb``, mounted at the
+  project's storage directory on first use and left mounted (other processes of the project share it).
+  ``nosuid,nodev``: a setuid-root file or a device node that root in a writable box leaves there is
+  inert on the host. Boxes write there as uid 65534 or as root, so what they store is untrusted: the
+  host reads it here without ever following a symlink (a box could plant ``hot://evil -> /etc/shadow``),
+  walking each path component with ``O_NOFOLLOW`` relative to the directory above it. The in-box
+  ``hotbox cp`` client maps ``hot://x`` to ``/hot/x``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -25,16 +33,103 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LimitError
 from ..settings import Settings, load_settings
 
-__all__ = ["DataDisk", "ProjectStorage", "StorageEntry", "hot_path", "ls", "read_bytes", "read_text"]
+__all__ = ["DataDisk", "ProjectStorage", "RootDisk", "StorageEntry", "disk_limits_unenforceable", "disk_usage",
+           "hot_path", "ls", "read_bytes", "read_text", "unmount_storage"]
 
 log = logging.getLogger(__name__)
 
 SCHEME = "hot://"
-_warned_not_root = False
 NOBODY_UID = 65534
+MB = 1024 * 1024
+# Where e2fsprogs and util-linux live; a non-root PATH often has only the bin directories.
+_SYSTEM_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
+DISK_TOOLS = ("mkfs.ext4", "mount", "umount")
+
+
+def _tool(name: str) -> str | None:
+    path = os.environ.get("PATH", "")
+    return shutil.which(name, path=f"{path}:{_SYSTEM_PATH}" if path else _SYSTEM_PATH)
+
+
+def disk_limits_unenforceable() -> str | None:
+    """Why this host cannot enforce a disk limit (a loop-mounted ext4 disk), or None when it can."""
+    if os.geteuid() != 0:
+        return "hotbox is not running as root, and loop-mounting a size-limited disk needs root"
+    missing = [t for t in DISK_TOOLS if _tool(t) is None]
+    if missing:
+        return f"{', '.join(missing)} not found on PATH nor in {_SYSTEM_PATH} (install e2fsprogs and mount)"
+    return None
+
+
+def _require_disk_limits(what: str) -> None:
+    why = disk_limits_unenforceable()
+    if why is not None:
+        raise LimitError(f"{what} cannot be enforced on this host: {why}; the box is refused rather than run "
+                         "without it")
+
+
+def _run(*argv: str) -> None:
+    exe = _tool(argv[0]) or argv[0]
+    subprocess.run([exe, *argv[1:]], check=True, capture_output=True, timeout=120)
+
+
+def _failure(exc: BaseException) -> str:
+    detail = getattr(exc, "stderr", b"") or b""
+    return f"{exc} {detail.decode(errors='replace').strip()}".strip()
+
+
+def _make_ext4(img: Path, size_mb: int, uid: int, gid: int, content: Path | None = None) -> None:
+    """A sparse ext4 image of ``size_mb``; ``content`` is copied in (owners, modes and xattrs kept)."""
+    with open(img, "wb") as f:
+        f.truncate(size_mb * MB)
+    extra = ["-d", str(content)] if content is not None else []
+    _run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
+         "-E", f"nodiscard,root_owner={uid}:{gid}", *extra, str(img))
+
+
+def _loop_mount(img: Path, target: Path) -> None:
+    _run("mount", "-o", "loop,nosuid,nodev", str(img), str(target))
+    with contextlib.suppress(OSError):
+        (target / "lost+found").rmdir()
+
+
+def _unmount(target: Path) -> bool:
+    """Unmount (lazily if still busy); True when nothing is mounted there any more."""
+    if not _is_mount(target):
+        return True
+    try:
+        _run("umount", str(target))
+    except (OSError, subprocess.SubprocessError):
+        # Still busy (a container being torn down holds it): detach now, the kernel frees it after.
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            _run("umount", "-l", str(target))
+    return not _is_mount(target)
+
+
+def disk_usage(path: Path) -> tuple[int, int] | None:
+    """(bytes used, bytes total) of the filesystem at ``path``, or None if it cannot be asked."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    total = st.f_blocks * st.f_frsize
+    return total - st.f_bfree * st.f_frsize, total
+
+
+def disk_full(path: Path) -> bool:
+    """True when the filesystem at ``path`` is a mount with (almost) no block or inode left."""
+    if not _is_mount(path):
+        return False
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    # A writer that hit ENOSPC with large writes leaves a partial block free: under 2 MB (or 1 %) is full.
+    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    return free < max(2 * MB, size // 100) or (st.f_files > 0 and st.f_favail < 4)
 
 
 def hot_path(path: str) -> list[str]:
@@ -64,40 +159,126 @@ class StorageEntry:
 
 
 class ProjectStorage:
-    """The host directory behind ``hot://`` for one project."""
+    """The host directory behind ``hot://`` for one project, and the disk of ``quota_mb`` mounted there."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, quota_mb: int = 2048) -> None:
         self.root = root
+        self.quota_mb = quota_mb
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ProjectStorage:
-        return cls(settings.storage_dir)
+        return cls(settings.storage_dir, settings.plan.storage_mb)
+
+    @property
+    def image(self) -> Path:
+        """The disk image behind the storage directory."""
+        return self.root.with_name(self.root.name + ".img")
+
+    @property
+    def mounted(self) -> bool:
+        return _is_mount(self.root)
+
+    def mount(self) -> None:
+        """Mount the project's disk (made on first use, resized to ``quota_mb``) at the storage directory.
+
+        Raises LimitError when this host cannot enforce the quota. A plain directory left by an older
+        version is copied onto the new disk, then emptied. Safe against other processes doing the same.
+        """
+        if self.mounted and self._size_ok():
+            return
+        _require_disk_limits(f"the hot:// storage quota of {self.quota_mb} MB (storage_mb)")
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.root.with_name(self.root.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._mount_locked()
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise LimitError(f"the hot:// storage quota of {self.quota_mb} MB (storage_mb) could not be set "
+                                 f"up at {self.root}: {_failure(exc)}") from exc
+
+    def _size_ok(self) -> bool:
+        with contextlib.suppress(OSError):
+            return self.image.stat().st_size == self.quota_mb * MB
+        return False
+
+    def _mount_locked(self) -> None:
+        self.root.mkdir(exist_ok=True)
+        img = self.image
+        if self.mounted:
+            if not self._size_ok():
+                self._resize_mounted()
+            return
+        if not img.exists():
+            old = any(self.root.iterdir())
+            tmp = img.with_name(img.name + ".new")
+            _make_ext4(tmp, self.quota_mb, NOBODY_UID, NOBODY_UID, content=self.root if old else None)
+            os.replace(tmp, img)
+            if old:  # now on the disk: free the host's copy, which the mount would only hide
+                for entry in list(self.root.iterdir()):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+        elif not self._size_ok():
+            self._resize_offline()
+        _loop_mount(img, self.root)
+
+    def _resize_offline(self) -> None:
+        img = self.image
+        with contextlib.suppress(subprocess.CalledProcessError):  # exit 1: errors corrected
+            _run("e2fsck", "-f", "-p", str(img))
+        if self.quota_mb * MB > img.stat().st_size:
+            os.truncate(img, self.quota_mb * MB)
+            _run("resize2fs", str(img))
+        else:
+            try:
+                _run("resize2fs", str(img), f"{self.quota_mb}M")
+            except subprocess.CalledProcessError as exc:
+                raise LimitError(f"hot:// storage holds more than the new quota storage_mb={self.quota_mb}; "
+                                 f"delete files from it first ({_failure(exc)})") from exc
+            os.truncate(img, self.quota_mb * MB)
+
+    def _resize_mounted(self) -> None:
+        img = self.image
+        if self.quota_mb * MB < img.stat().st_size:
+            raise LimitError(f"the hot:// storage disk is in use and larger than the new quota "
+                             f"storage_mb={self.quota_mb}; it can shrink once no box of the project runs "
+                             "(ProjectStorage.unmount())")
+        os.truncate(img, self.quota_mb * MB)
+        dev = next((line.split()[0] for line in Path("/proc/self/mounts").read_text().splitlines()
+                    if line.split()[1] == str(self.root)), None)
+        if dev is None or not dev.startswith("/dev/loop"):
+            raise LimitError(f"the hot:// storage at {self.root} is not a loop-mounted disk")
+        _run("losetup", "-c", dev)
+        _run("resize2fs", dev)
+
+    def unmount(self) -> None:
+        """Unmount the project's disk (its data stays in the image); the next box mounts it again."""
+        _unmount(self.root)
 
     def ensure(self) -> Path:
-        """Create the directory and let a box running as uid 65534 write into it.
+        """Mount the disk and let a box running as uid 65534 write into it (what a box start calls).
 
-        As root we hand the directory to 65534 (root boxes write anyway, having DAC_OVERRIDE); otherwise
-        we cannot chown, and make it world-writable instead, which only matters inside HOTBOX_HOME.
+        Root boxes write anyway, having DAC_OVERRIDE. Raises LimitError when the quota cannot be enforced.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.mount()
         st = self.root.stat()
-        if os.geteuid() == 0:
-            if st.st_uid != NOBODY_UID:
-                os.chown(self.root, NOBODY_UID, NOBODY_UID)
-        elif stat.S_IMODE(st.st_mode) != 0o777:
-            self.root.chmod(0o777)
+        if st.st_uid != NOBODY_UID:
+            os.chown(self.root, NOBODY_UID, NOBODY_UID)
         return self.root
+
+    def _readable(self) -> None:
+        """Host-side access: mount the disk when this host can, else use the directory as it is."""
+        if not self.mounted and disk_limits_unenforceable() is None:
+            self.ensure()
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
     def _open(self, parts: list[str], *, directory: bool) -> Iterator[int]:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(self.root, flags | os.O_DIRECTORY)
-        except FileNotFoundError:
-            if parts:
-                raise
-            self.ensure()
-            fd = os.open(self.root, flags | os.O_DIRECTORY)
+        self._readable()
+        fd = os.open(self.root, flags | os.O_DIRECTORY)
         try:
             for i, name in enumerate(parts):
                 last = i == len(parts) - 1
@@ -147,7 +328,6 @@ class ProjectStorage:
         parts = hot_path(path)
         if not parts:
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-        self.ensure()
         with self._open([], directory=True) as root_fd:
             fd = os.dup(root_fd)
             try:
@@ -184,15 +364,20 @@ def read_text(path: str, settings: Settings | None = None) -> str:
     return _storage(settings).read_text(path)
 
 
-def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+def unmount_storage(home: Path) -> list[Path]:
+    """Unmount every project's storage disk under ``home`` (their data stays); the mount points unmounted."""
+    out = []
+    for img in sorted((home / "storage").glob("*.img")):
+        root = img.with_suffix("")
+        if _is_mount(root) and _unmount(root):
+            out.append(root)
+    return out
 
 
 class DataDisk:
     """The ``/data`` of one box: ``<dir>/data.img`` loop-mounted at ``<dir>/data``.
 
-    ``enforced`` is False when the fallback (a plain directory) was used. ``create`` and ``destroy``
-    block (subprocesses); async callers run them in a worker thread.
+    ``create`` and ``destroy`` block (subprocesses); async callers run them in a worker thread.
     """
 
     IMAGE = "data.img"
@@ -210,47 +395,74 @@ class DataDisk:
         """Host directory to bind-mount at /data."""
         return self.task_dir / self.MOUNT
 
-    @staticmethod
-    def can_enforce() -> bool:
-        """Loop mounts need root and the e2fsprogs/mount tools."""
-        return os.geteuid() == 0 and all(shutil.which(t) for t in ("mkfs.ext4", "mount", "umount"))
-
     def create(self) -> None:
-        """Make the disk (or the fallback directory). Raises OSError / CalledProcessError on failure."""
+        """Make and mount the disk. Raises LimitError when its size cannot be enforced."""
+        what = f"the /data size of {self.size_mb} MB (disk-size)"
+        _require_disk_limits(what)
         self.task_dir.mkdir(parents=True, exist_ok=True)
         self.path.mkdir(exist_ok=True)
-        if self.can_enforce():
-            img = self.task_dir / self.IMAGE
-            with open(img, "wb") as f:
-                f.truncate(self.size_mb * 1024 * 1024)
-            try:
-                # No journal: the disk lives as long as the box, and mkfs stays a few milliseconds even
-                # for 50 GB. root_owner gives the box's user its /data without a chown after mounting.
-                _run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
-                     "-E", f"nodiscard,root_owner={self.uid}:{self.gid}", str(img))
-                _run("mount", "-o", "loop,nosuid,nodev", str(img), str(self.path))
-            except (OSError, subprocess.SubprocessError) as exc:
-                img.unlink(missing_ok=True)
-                detail = getattr(exc, "stderr", b"") or b""
-                log.warning("cannot loop-mount a %d MB /data disk (%s %s); /data falls back to a plain "
-                            "directory whose size is NOT enforced", self.size_mb, exc,
-                            detail.decode(errors="replace").strip())
-            else:
-                self.enforced = True
-                with contextlib.suppress(OSError):
-                    (self.path / "lost+found").rmdir()
-                return
-        else:
-            global _warned_not_root
-            if not _warned_not_root:  # once per process: every box would say the same
-                _warned_not_root = True
-                log.warning("not running as root (or mkfs.ext4/mount missing): /data is a plain directory "
-                            "and disk-size is NOT enforced")
-        os.chmod(self.path, 0o777)
+        img = self.task_dir / self.IMAGE
+        try:
+            # root_owner gives the box's user its /data without a chown after mounting.
+            _make_ext4(img, self.size_mb, self.uid, self.gid)
+            _loop_mount(img, self.path)
+        except (OSError, subprocess.SubprocessError) as exc:
+            img.unlink(missing_ok=True)
+            raise LimitError(f"{what} could not be set up: {_failure(exc)}") from exc
+        self.enforced = True
 
     def destroy(self) -> None:
         """Unmount and delete the disk and the task's directory; safe to call twice."""
         destroy_disk_dir(self.task_dir)
+
+
+class RootDisk:
+    """The writable root of a writable box: an ext4 disk mounted over the container's overlay2 layer.
+
+    overlay2 keeps a container's writes in ``<layer>/diff`` (with ``<layer>/work`` beside it, which
+    must be on the same mount), under the engine's data root: the host's disk. ``--storage-opt size``
+    needs xfs with project quotas. So between create and start the layer directory is copied onto a
+    disk of ``size_mb`` (``mkfs -d``) that is mounted over it: the box then gets ENOSPC at its size,
+    with no overshoot at all. The image file is unlinked once mounted (the loop device holds it), so
+    unmounting, which must happen before the engine removes the container, frees everything.
+    """
+
+    def __init__(self, layer_dir: Path, size_mb: int) -> None:
+        self.layer_dir = layer_dir
+        self.size_mb = size_mb
+
+    @staticmethod
+    def layer_of(upper_dir: str | None) -> Path | None:
+        """The layer directory of a container from its GraphDriver ``UpperDir``; None if not overlay2-like."""
+        if not upper_dir:
+            return None
+        upper = Path(upper_dir)
+        return upper.parent if upper.name == "diff" else None
+
+    def attach(self, scratch: Path) -> None:
+        """Mount the disk (``scratch`` holds the image until it is mounted). Raises LimitError on failure."""
+        what = f"the writable root's size of {self.size_mb} MB (the size's disk, or disk-size)"
+        _require_disk_limits(what)
+        img = scratch / "root.img"
+        try:
+            if not (self.layer_dir / "diff").is_dir() or _is_mount(self.layer_dir):
+                raise OSError(errno.ENOTDIR, "not an unmounted overlay2 layer directory", str(self.layer_dir))
+            scratch.mkdir(parents=True, exist_ok=True)
+            mode = stat.S_IMODE(self.layer_dir.stat().st_mode)
+            _make_ext4(img, self.size_mb, 0, 0, content=self.layer_dir)
+            _loop_mount(img, self.layer_dir)
+            os.chmod(self.layer_dir, mode)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise LimitError(f"{what} could not be set up: {_failure(exc)}") from exc
+        finally:
+            img.unlink(missing_ok=True)
+
+    def detach(self) -> bool:
+        """Unmount (the container must have stopped); True when nothing is mounted there any more."""
+        return _unmount(self.layer_dir)
+
+    def full(self) -> bool:
+        return disk_full(self.layer_dir)
 
 
 def _is_mount(path: Path) -> bool:
@@ -263,14 +475,7 @@ def _is_mount(path: Path) -> bool:
 def destroy_disk_dir(task_dir: Path) -> None:
     """Unmount ``<task_dir>/data`` if mounted and remove ``task_dir``: also how the reaper cleans up."""
     mnt = task_dir / DataDisk.MOUNT
-    if _is_mount(mnt):
-        try:
-            _run("umount", str(mnt))
-        except (OSError, subprocess.SubprocessError):
-            # Still busy (a container being torn down holds it): detach now, the kernel frees it after.
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                _run("umount", "-l", str(mnt))
-    if _is_mount(mnt):
+    if not _unmount(mnt):
         log.warning("could not unmount %s; leaving it in place", mnt)
         return
     shutil.rmtree(task_dir, ignore_errors=True)

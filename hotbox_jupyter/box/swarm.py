@@ -46,7 +46,7 @@ import docker
 import docker.errors
 import docker.tls
 
-from ..errors import ConfigError, EngineUnavailableError, HotboxError, ImageError
+from ..errors import ConfigError, EngineUnavailableError, HotboxError, ImageError, LimitError
 from ..owner import LABEL_MANAGED
 from ..paths import GUEST_RUNTIMES, runtimes_dir
 from ..settings import Cluster
@@ -315,7 +315,15 @@ class SwarmEngine(Engine):
         """Nodes pull for themselves (from the registry for ``hotbox/*``)."""
 
     def create(self, spec: BoxSpec) -> str:
-        """Create the box's service; its task is scheduled at once. Returns the service id."""
+        """Create the box's service; its task is scheduled at once. Returns the service id.
+
+        A writable box is refused (LimitError): its root would grow on a node's disk with no cap, and the
+        cap (a disk mounted over the container's layer, see :class:`~hotbox_jupyter.box.storage.RootDisk`)
+        needs the engine's host.
+        """
+        if not spec.limits.read_only:
+            raise LimitError(f"the writable root's size of {spec.limits.disk_mb} MB cannot be enforced on a swarm "
+                             "node; run writable boxes on the local engine")
         mark = f"\x1ehotbox-end-{secrets.token_hex(8)}"
         body = self.service_spec(spec, mark)
         with _swarm_translated(f"creating the service of task {spec.task_id}"):
@@ -355,8 +363,8 @@ class SwarmEngine(Engine):
         """Stop the box: removing its service stops the task (SIGTERM, then SIGKILL after the grace period)."""
         self._remove_service(cid)
 
-    def remove(self, cid: str) -> None:
-        """Remove the service (its node deletes the container) and forget it."""
+    def remove(self, cid: str, *, root_disk: bool = False) -> None:
+        """Remove the service (its node deletes the container) and forget it (swarm boxes have no root disk)."""
         self._remove_service(cid)
         with self._lock:
             box = self._boxes.pop(cid, None)

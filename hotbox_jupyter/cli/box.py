@@ -20,8 +20,8 @@ from ..models import BoxSize, ExitReason
 
 __all__ = ["register"]
 
-EXIT_CODES = {ExitReason.TIMEOUT: 124, ExitReason.OOM: 137, ExitReason.PIDS: 125, ExitReason.CANCELLED: 130,
-              ExitReason.INTERRUPTED: 130, ExitReason.ERROR: 125}
+EXIT_CODES = {ExitReason.TIMEOUT: 124, ExitReason.OOM: 137, ExitReason.PIDS: 125, ExitReason.DISK: 125,
+              ExitReason.CANCELLED: 130, ExitReason.INTERRUPTED: 130, ExitReason.ERROR: 125}
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -23,6 +23,7 @@ _ENAMES = {
     ExitReason.INTERRUPTED: "KeyboardInterrupt",
     ExitReason.TIMEOUT: "TimeoutError",
     ExitReason.OOM: "MemoryError",
+    ExitReason.DISK: "OSError",
 }
 
 

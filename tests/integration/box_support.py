@@ -17,6 +17,7 @@ import pytest
 
 from hotbox_jupyter import box
 from hotbox_jupyter.box.images import ensure_image
+from hotbox_jupyter.box.storage import ProjectStorage
 from hotbox_jupyter.models import BoxConf, TaskResult, TaskStatus
 from hotbox_jupyter.owner import LABEL_MANAGED, LABEL_PROJECT, LABEL_TASK
 
@@ -45,7 +46,9 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> It
     monkeypatch.delenv("HOT_BOX_ENABLED", raising=False)
     box._reset_for_tests()
     yield proj
+    storage_dir = box.settings().storage_dir
     box._reset_for_tests()
+    ProjectStorage(storage_dir).unmount()  # its hot:// disk: mounted on first use and left mounted by design
 
 
 def hot_toml(project: Path, text: str) -> None:

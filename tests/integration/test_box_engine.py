@@ -16,6 +16,7 @@ import pytest
 from box_support import NODE, PYTHON, SHELL, containers, hotbox_home, mounts_under, run, wait_running
 
 from hotbox_jupyter import BoxConf, ExitReason, TaskStatus, box
+from hotbox_jupyter.box import journal
 from hotbox_jupyter.box.billing import Ledger
 from hotbox_jupyter.box.storage import ProjectStorage
 from hotbox_jupyter.errors import ConfigError, TaskNotFoundError
@@ -182,7 +183,7 @@ def test_unknown_ids_and_wait_timeout(project: Path) -> None:
 
 
 def test_flood_is_spooled_to_disk_not_memory(project: Path) -> None:
-    """300 MB of output: all of it reaches the console file, memory stays flat, the result is capped."""
+    """300 MB of output: the spool keeps its head and tail (bounded disk), memory stays flat, the result is capped."""
     size = 300 * 1024 * 1024
 
     def rss() -> int:
@@ -210,12 +211,19 @@ def test_flood_is_spooled_to_disk_not_memory(project: Path) -> None:
         sampler.join()
     assert result.ok, result.message
     assert result.console_path and os.path.getsize(result.console_path) == size + len("\nTHE END\n")
+    kept = os.stat(result.console_path).st_blocks * 512  # the dropped middle is punched out of the file
+    assert kept <= journal.HEAD_BYTES + journal.TAIL_BYTES + journal.SLACK_BYTES + (1 << 20), kept
     assert result.truncated and len(result.console_output) <= 1024 * 1024
     assert result.console_output.endswith("x\nTHE END\n")
     assert peak - before < 120 * 1024 * 1024, f"memory grew by {(peak - before) >> 20} MB during a 300 MB flood"
-    # a late subscriber still replays everything, in coalesced chunks
-    chunks = [e for e in box.events(task.id) if isinstance(e, StdoutChunk)]
-    assert sum(len(c.text) for c in chunks) == size + len("\nTHE END\n")
+    # a late subscriber replays the head, a line saying what was dropped, and the tail, in coalesced chunks
+    events = list(box.events(task.id))
+    chunks = [e for e in events if isinstance(e, StdoutChunk)]
+    notes = [e.text for e in events if isinstance(e, StderrChunk) and "dropped" in e.text]
+    kept_text = sum(len(c.text) for c in chunks)
+    assert len(notes) == 1 and f"{size + 9 - kept_text} bytes of output dropped" in notes[0], notes
+    assert journal.HEAD_BYTES + journal.TAIL_BYTES <= kept_text <= kept + (1 << 20)
+    assert chunks[-1].text.endswith("x\nTHE END\n") and chunks[0].text.startswith("xxx")
     assert len(chunks) < 1000
 
 

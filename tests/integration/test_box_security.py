@@ -158,17 +158,15 @@ def test_runtimes_are_on_the_path(project: Path) -> None:
     assert path.startswith("/opt/hotbox/bin:") and "/usr/bin" in path
 
 
-def test_data_without_root_falls_back_honestly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               caplog: pytest.LogCaptureFixture) -> None:
-    """Without loop mounts /data is a plain directory, and a warning says its size is not enforced."""
+def test_data_without_root_is_refused_not_unlimited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without loop mounts /data's size cannot be enforced: the disk (and so the box) is refused."""
     from hotbox_jupyter.box import storage
+    from hotbox_jupyter.errors import LimitError
 
     monkeypatch.setattr(storage.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(storage, "_warned_not_root", False)
     disk = storage.DataDisk(tmp_path / "disk", 16, 65534, 65534)
-    with caplog.at_level("WARNING"):
+    with pytest.raises(LimitError, match=r"/data size of 16 MB.*not running as root"):
         disk.create()
-    assert not disk.enforced and disk.path.is_dir() and not (tmp_path / "disk" / "data.img").exists()
-    assert "NOT enforced" in caplog.text
+    assert not disk.enforced and not (tmp_path / "disk" / "data.img").exists()
     disk.destroy()
     assert not (tmp_path / "disk").exists()
