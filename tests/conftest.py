@@ -30,6 +30,9 @@ def hotbox_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["HOTBOX_CACHE"] = str(hotbox_home_dir() / "cache")
     os.environ["HOTBOX_HOME"] = str(home)
     yield home
+    from hotbox_jupyter import box
+
+    box._reset_for_tests()  # the manager's spare /data disks go with it
     unmount_storage(home)  # projects' hot:// disks stay mounted by design; the run's home goes away
     left = _mounts_under(home)
     assert not left, f"disks left mounted by the test suite: {left}"

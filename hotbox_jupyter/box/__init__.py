@@ -140,7 +140,8 @@ def start(conf: BoxConf | dict[str, Any], *, stdin: bytes | None = None,
     """Start a box and return its TaskInfo at once; the container is created and run in the background.
 
     Refused before anything is pulled, created or billed with ConfigError, BoxDisabledError, ImageDeniedError,
-    EngineUnavailableError or QuotaExceededError. ``stdin`` is written to the process's stdin, then closed.
+    LimitError, EngineUnavailableError or QuotaExceededError. ``stdin`` is written to the process's stdin,
+    then closed.
     """
     manager = _get_manager()
     info: TaskInfo = _call(manager.start, conf, stdin=stdin, labels=labels)

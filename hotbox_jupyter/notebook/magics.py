@@ -387,7 +387,7 @@ class HotboxMagics(Magics):
         result = self.engine.result(args.task_id) if hasattr(self.engine, "result") else None
         where = getattr(result, "console_path", None)
         sink.stderr(f"[hotbox] the console of {args.task_id} is {format_size(len(text))}: showing its last "
-                    f"{format_size(cap)}" + (f"; all of it is in {where}" if where else "") + "\n")
+                    f"{format_size(cap)}" + (f"; what the spool keeps of it is in {where}" if where else "") + "\n")
         sink.stdout(text[-cap:])
 
     def _cmd_cancel(self, args: argparse.Namespace) -> None:
