@@ -22,6 +22,11 @@ Project config is ``hot.toml`` in the current directory or the nearest parent::
     registry = "registry.lan:5000"  # where the nodes pull the hotbox/* images (`hotbox images push`)
     storage = "/srv/hotbox"     # a shared filesystem mounted at this path on this machine and every node
 
+    [hot.pool]
+    enabled = false             # warm boxes started ahead of time; HOTBOX_POOL=on|off|N overrides it
+    size = 2                    # warm boxes per (image, size, isolation, flags)
+    max_total = 4               # across all pools, and never past the plan's max_concurrent
+
 The directory holding ``hot.toml`` (or the current directory) is the project: it scopes ``hot://``
 storage and the CUS ledger. ``HOTBOX_HOME`` moves all of hotbox's own files (default: the user data dir).
 """
@@ -46,7 +51,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Cluster", "Plan", "Project", "Settings", "hotbox_home", "load_settings"]
+__all__ = ["Cluster", "Plan", "PoolSettings", "Project", "Settings", "hotbox_home", "load_settings"]
 
 CONFIG_NAME = "hot.toml"
 _FALSE = {"0", "false", "no", "off"}
@@ -117,6 +122,39 @@ class Cluster(HotModel):
         return self.tls_ca, self.tls_cert, self.tls_key
 
 
+MAX_POOL_SIZE = 16
+MAX_POOL_TOTAL = 64
+
+
+class PoolSettings(HotModel):
+    """Warm pools of boxes (``[hot.pool]``, ``HOTBOX_POOL``): off unless turned on, since warm boxes hold
+    memory while they wait. See :mod:`hotbox_jupyter.box.pool`."""
+
+    enabled: bool = Field(default=False, description="Keep boxes created and started ahead of time")
+    size: int = Field(default=2, ge=1, le=MAX_POOL_SIZE,
+                      description="Warm boxes per pool, i.e. per (image, size, isolation, flags)")
+    max_total: int = Field(default=4, ge=1, le=MAX_POOL_TOTAL,
+                           description="Warm boxes across all pools (never more than the plan's max_concurrent "
+                                       "minus the boxes running)")
+    source: str = Field(default="default", description="Where enabled came from: default, hot.toml or HOTBOX_POOL")
+
+
+def parse_pool_switch(field: str, value: Any) -> tuple[bool, int | None]:
+    """``on``/``off`` (and the other boolean spellings) or a number of warm boxes per pool (0 is off)."""
+    s = str(value).strip().lower()
+    if s in _TRUE:
+        return True, None
+    if s in _FALSE:
+        return False, None
+    try:
+        n = int(s)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_POOL_SIZE:
+        raise ConfigError.invalid(field, value, f"on, off, or warm boxes per pool (0..{MAX_POOL_SIZE}; 0 is off)")
+    return n > 0, n or None
+
+
 class Project(HotModel):
     """The project a process works for: its root directory and a stable id derived from it."""
 
@@ -138,6 +176,7 @@ class Settings(HotModel):
     enabled_source: str = "default"
     project: Project
     plan: Plan = Plan()
+    pool: PoolSettings = PoolSettings()
     home: Path
     config_file: Path | None = None
     cluster: Cluster = Cluster()
@@ -207,7 +246,8 @@ def load_settings(cwd: Path | None = None) -> Settings:
     cluster = _cluster(hot.get("cluster", {}))
     root = cfg_file.parent if cfg_file else cwd
     return Settings(enabled=enabled, enabled_source=source, project=Project.at(root), plan=plan,
-                    home=hotbox_home(), config_file=cfg_file, cluster=cluster)
+                    pool=_pool_settings(hot.get("pool", {}), cfg_file), home=hotbox_home(), config_file=cfg_file,
+                    cluster=cluster)
 
 
 def _cluster(table: Any) -> Cluster:
@@ -225,3 +265,22 @@ def _cluster(table: Any) -> Cluster:
         return cluster
     except ValidationError as exc:
         raise ConfigError.from_validation("hot.cluster", exc) from exc
+
+
+def _pool_settings(table: Any, cfg_file: Path | None) -> PoolSettings:
+    if not isinstance(table, dict):
+        raise ConfigError.invalid("hot.pool", table, "a table: [hot.pool] enabled = true, size = 2, max_total = 4")
+    fields = dict(table)
+    if "source" in fields:
+        raise ConfigError.invalid("hot.pool.source", fields["source"], "enabled, size or max_total")
+    if "enabled" in fields:
+        fields["enabled"] = _parse_bool("hot.pool.enabled", fields["enabled"])
+        fields["source"] = str(cfg_file)
+    env = os.environ.get("HOTBOX_POOL")
+    if env is not None and env.strip():
+        on, size = parse_pool_switch("HOTBOX_POOL", env)
+        fields["enabled"], fields["source"] = on, "HOTBOX_POOL"
+        if size is not None:
+            fields["size"] = size
+    pool: PoolSettings = PoolSettings.model_validate(fields)
+    return pool

@@ -8,6 +8,7 @@ The seed's "Useful Functions", synchronous and thread-safe::
     result = box.wait(task.id)          # TaskResult: status, exit_code, reason, console_output, cus...
     for event in box.events(task.stream_id): ...   # replay, then live, until Exit
     box.sizes(); box.quota(); box.enabled(); box.image_policy()
+    box.pool(enabled=True); box.warm(conf, wait=30)   # warm pools (box/pools.py), off by default
 
 Every call goes to the process's one :class:`~hotbox_jupyter.box.manager.TaskManager`, which lives on the
 shared portal loop (:mod:`hotbox_jupyter.portal`) and is created on first use. Do not call the blocking
@@ -55,6 +56,7 @@ __all__ = [
     "events",
     "image_policy",
     "logs",
+    "pool",
     "quota",
     "result",
     "run",
@@ -65,6 +67,7 @@ __all__ = [
     "storage",
     "tasks",
     "wait",
+    "warm",
 ]
 
 log = logging.getLogger(__name__)
@@ -257,6 +260,35 @@ def quota() -> QuotaInfo:
 def enabled() -> bool:
     """Whether Hot Box is enabled (hot.box.enabled in hot.toml, overridden by HOT_BOX_ENABLED)."""
     return settings().enabled
+
+
+def pool(*, enabled: bool | None = None, size: int | None = None, max_total: int | None = None) -> dict[str, Any]:
+    """The warm pools: change any of their settings for this process, then return their status (settings,
+    and per pool the boxes ready and being made). Turning them off destroys the warm boxes."""
+    manager = _get_manager()
+    if enabled is not None or size is not None or max_total is not None:
+        _call(_configure_pool, manager, enabled, size, max_total)
+    status: dict[str, Any] = _call(_pool_status, manager)
+    return status
+
+
+async def _configure_pool(manager: TaskManager, enabled: bool | None, size: int | None,
+                          max_total: int | None) -> None:
+    manager.pool.configure(enabled=enabled, size=size, max_total=max_total)
+
+
+async def _pool_status(manager: TaskManager) -> dict[str, Any]:
+    return manager.pool.status()
+
+
+def warm(conf: BoxConf | dict[str, Any], *, wait: float | None = None) -> int:
+    """Fill the warm pool that boxes like ``conf`` come from (pools must be on); with ``wait``, wait up to
+    that many seconds for a ready box. Returns the ready boxes of that pool."""
+    from .manager import _as_conf
+
+    manager = _get_manager()
+    ready: int = _call(manager.pool.warm, _as_conf(conf), wait=wait)
+    return ready
 
 
 def image_policy() -> ImagePolicyInfo:

@@ -95,10 +95,14 @@ class BoxSpec:
     stdin: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     stdin_data: bytes | None = None  # for engines that cannot attach (swarm): the bytes go into the spec
+    # A warm box's first process (box/pools.py): it replaces the conf's command, which comes later on stdin.
+    waiter: list[str] | None = None
 
     def command(self) -> tuple[list[str] | None, list[str] | None]:
         """(entrypoint, cmd): ``script`` runs under ``sh -c 'set -ex ...'`` with the entrypoint cleared."""
         conf = self.conf
+        if self.waiter is not None:
+            return self.waiter, []
         if conf.script is not None:
             return (conf.entrypoint if conf.entrypoint is not None else [""],
                     ["/bin/sh", "-c", "set -ex\n" + conf.script])
@@ -244,6 +248,11 @@ class Engine:
 
     def image_env(self, image: str) -> list[str] | None:
         """The image's configured Env, or None if the image is not present locally."""
+        config = self.image_config(image)
+        return None if config is None else list(config.get("Env") or [])
+
+    def image_config(self, image: str) -> dict[str, Any] | None:
+        """The image's Config (Env, Entrypoint, Cmd, WorkingDir...), or None if it is not present locally."""
         with translated(f"inspecting image {image!r}"):
             try:
                 info = self.api.inspect_image(image)
@@ -251,7 +260,7 @@ class Engine:
                 return None
         # An image id, a digest or another registry's name may be a denied image under another name.
         policy.check_resolved(image, list(info.get("RepoTags") or []) + list(info.get("RepoDigests") or []))
-        return list((info.get("Config") or {}).get("Env") or [])
+        return dict(info.get("Config") or {})
 
     def pull(self, image: str, progress: Callable[[str], None]) -> None:
         """Get a missing image: pulled from its registry with coalesced progress lines, or, for the local

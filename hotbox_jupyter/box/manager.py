@@ -53,6 +53,7 @@ from . import policy
 from .billing import Ledger
 from .engine import LABEL_ROOT_DISK, LABEL_STATE_DIR, AttachedStream, BoxSpec, Engine, connect_engine, task_labels
 from .journal import TAIL_CAP, Cursor, Journal
+from .pools import WarmBox, WarmPools
 from .storage import DataDisk, ProjectStorage, destroy_disk_dir, disk_full, disk_limits_unenforceable
 
 __all__ = ["Cursor", "TaskManager", "describe_exit"]
@@ -107,6 +108,7 @@ class _Task:
         self.ended: float | None = None
         self.result_value: Any = None
         self.pids_hit = False
+        self.warm: tuple[WarmBox, list[str]] | None = None  # a warm box and its argv, when one was taken
         self._out = FrameDecoder()
         self._err = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -153,6 +155,8 @@ class TaskManager:
         # Ready /data disks by (size MB, uid, gid), made after a box took one (see _take_spare).
         self._spares: dict[tuple[int, int, int], Path] = {}
         self._spare_busy: set[tuple[int, int, int]] = set()
+        self.pool = WarmPools(self, settings.pool)
+        """The warm pools (off unless settings.pool.enabled or ``pool.configure(enabled=True)``)."""
 
     async def _thread(self, fn: Callable[..., T], *args: Any, abandon: bool = False) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=abandon)
@@ -174,14 +178,18 @@ class TaskManager:
             with contextlib.suppress(Exception):
                 await self._thread(self._reap_state_dirs)
                 await self._thread(self.ledger.settle_orphans)
+            with contextlib.suppress(Exception):
+                await self._thread(self.ledger.hold)
             task_status.started()
             await self._stop.wait()
+        self.ledger.close()
         if self._engine is not None:
             self._engine.close()
 
     async def close(self, grace: float = 1.0) -> None:
         """Cancel every running box (waiting until each is gone), forget this process's tasks, stop serving."""
         self._stop.set()
+        await self.pool.close()
         await self.shutdown(grace)
         for task in list(self._tasks.values()):
             await self._thread(shutil.rmtree, task.dir, True)
@@ -239,26 +247,40 @@ class TaskManager:
             raise HotboxError("the task manager is not serving; start it with `await tg.start(manager.serve)`")
         await self._connect(warn=False)
         limits = conf.limits()
-        hexid = uuid.uuid4().hex[:12]
-        task_id = f"box-{hexid}"
+        # A warm box carries its own labels, made before the caller's were known.
+        warm = self.pool.take(conf, limits) if labels is None else None
+        task_id = warm[0].task_id if warm is not None else f"box-{uuid.uuid4().hex[:12]}"
+        hexid = task_id.removeprefix("box-")
         owner = this_owner()
-        await self._thread(lambda: self.ledger.admit(
-            task_id=task_id, project=self.settings.project.id, plan=self.settings.plan, size=conf.size.value,
-            multiplier=limits.cus_multiplier, network=conf.network, timeout_s=limits.timeout_s, owner=owner,
-            image=conf.image))
+        try:  # billed from here: a warm box's waiting time is not the task's
+            await self._thread(lambda: self.ledger.admit(
+                task_id=task_id, project=self.settings.project.id, plan=self.settings.plan, size=conf.size.value,
+                multiplier=limits.cus_multiplier, network=conf.network, timeout_s=limits.timeout_s, owner=owner,
+                image=conf.image))
+        except BaseException:
+            if warm is not None:
+                self.pool.give_back(warm[0])
+            raise
+        if warm is None and self.pool.warm_total():  # this box takes a concurrency slot a warm one may hold
+            self._tg.start_soon(self.pool.trim)
         task_dir = self.settings.state_dir / "tasks" / task_id
         try:
-            task_dir.mkdir(parents=True)
-            (task_dir / "owner.json").write_text(json.dumps(
-                {"pid": owner.pid, "start": owner.start, "host": owner.host, "task": task_id}))
+            if warm is None:  # a warm box's directory (owner.json, /data disk) exists already
+                task_dir.mkdir(parents=True)
+                (task_dir / "owner.json").write_text(json.dumps(
+                    {"pid": owner.pid, "start": owner.start, "host": owner.host, "task": task_id}))
             info = TaskInfo(id=task_id, stream_id=f"stream-{hexid}", image=conf.image, size=conf.size,
                             created_at=datetime.now(timezone.utc))
             task = _Task(info, conf, limits, task_dir, bytes(stdin) if stdin is not None else None,
                          task_labels(owner.labels(), task_id, self.settings.project.id, labels))
         except BaseException:
             await self._thread(self.ledger.settle, task_id, 0.0, ExitReason.ERROR.value)
-            shutil.rmtree(task_dir, ignore_errors=True)
+            if warm is not None:
+                self.pool.give_back(warm[0])
+            else:
+                shutil.rmtree(task_dir, ignore_errors=True)
             raise
+        task.warm = warm
         self._tasks[task_id] = task
         self._streams[info.stream_id] = task
         self._tg.start_soon(self._run, task)
@@ -269,7 +291,8 @@ class TaskManager:
     async def _run(self, task: _Task) -> None:
         engine = self._engine
         assert engine is not None
-        disk = DataDisk(task.dir / "disk", task.limits.disk_mb, *_uid_gid(task.limits.user))
+        disk = (task.warm[0].disk if task.warm is not None
+                else DataDisk(task.dir / "disk", task.limits.disk_mb, *_uid_gid(task.limits.user)))
         timed_out = False
         exit_code: int | None = None
         state: dict[str, Any] | None = None
@@ -280,7 +303,10 @@ class TaskManager:
             async with anyio.create_task_group() as tg:
                 with anyio.CancelScope() as pending:
                     task.pending_scope = pending
-                    await self._prepare(engine, task, disk, tg, pumped)
+                    if task.warm is not None:
+                        await self._hand_out(task, tg, pumped)
+                    else:
+                        await self._prepare(engine, task, disk, tg, pumped)
                 task.pending_scope = None
                 if task.status is not TaskStatus.RUNNING:  # cancelled before the box ran
                     tg.cancel_scope.cancel()
@@ -393,6 +419,20 @@ class TaskManager:
             tg.start_soon(self._thread, stream.write_stdin, task.stdin)
         tg.start_soon(self._watch_pids, task)
 
+    async def _hand_out(self, task: _Task, tg: TaskGroup, pumped: anyio.Event) -> None:
+        """Give a warm box its job: no engine call, one write on the attach connection it already has."""
+        assert task.warm is not None
+        box, argv = task.warm
+        assert box.container_id is not None and box.stream is not None
+        # The box's environment already holds the image's and ours; the job adds the conf's on top.
+        job = box.job(argv, dict(task.conf.env)) + (task.stdin or b"")
+        task.container_id = box.container_id
+        tg.start_soon(self._pump, task, box.stream, pumped)
+        task.started = time.monotonic()
+        task.status = TaskStatus.RUNNING
+        tg.start_soon(self._thread, box.stream.write_stdin, job)
+        tg.start_soon(self._watch_pids, task)
+
     async def _pump(self, task: _Task, stream: AttachedStream, pumped: anyio.Event) -> None:
         try:
             while True:
@@ -502,6 +542,27 @@ class TaskManager:
     def _tg_start(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._tg is not None and not self._stop.is_set():
             self._tg.start_soon(fn, *args)
+
+    # What the warm pools (box/pools.py) use of the manager: its task group, engine, threads and disks.
+    spawn = _tg_start
+
+    async def engine(self) -> Engine:
+        """The engine, connecting first if need be (EngineUnavailableError if it does not answer)."""
+        return await self._connect(warn=False)
+
+    def engine_or_none(self) -> Engine | None:
+        return self._engine
+
+    async def thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call in a worker thread of the manager's own limiter."""
+        return await self._thread(fn, *args)
+
+    def take_spare(self, disk: DataDisk) -> bool:
+        return self._take_spare(disk)
+
+    @staticmethod
+    def remove_owned_dir(d: Path) -> None:
+        _remove_owned_dir(d)
 
     def _take_spare(self, disk: DataDisk) -> bool:
         """Move a ready spare disk of the same size and owner into place; False if there is none.

@@ -34,6 +34,7 @@ from pydantic import PrivateAttr
 from ..errors import BoxFailedError, ConfigError, EngineUnavailableError, HotboxError
 from ..models import BoxConf, ExitReason, TaskInfo, TaskResult, parse_size
 from ..paths import GUEST_RUNTIMES
+from ..settings import parse_pool_switch
 from .render import DEFAULT_MAX_OUTPUT, BoxValue, EventFeed, EventRenderer, OutputWidgetSink, ShellSink, format_size
 
 if TYPE_CHECKING:
@@ -307,6 +308,9 @@ def _line_parser() -> _UsageParser:
     cfg.add_argument("--image", "-i", help="default image (initially hotbox/python)")
     cfg.add_argument("--size", "-s", help="default size preset (initially small)")
     cfg.add_argument("--max-output", help="console output shown per cell before the rest is hidden (e.g. 2MB)")
+    cfg.add_argument("--pool", metavar="on|off|N",
+                     help="warm boxes for this process's cells: on, off, or N warm boxes per kind of cell "
+                          "(off by default: warm boxes hold memory while they wait)")
     sub.add_parser("tasks", add_help=True, help="list this session's tasks and their status")
     logs = sub.add_parser("logs", add_help=True, help="print the full console output of a task")
     logs.add_argument("task_id", metavar="ID")
@@ -368,7 +372,14 @@ class HotboxMagics(Magics):
             self._set_default_size(args.size)
         if args.max_output is not None:
             self.session.max_output = parse_amount("--max-output", args.max_output)
+        if args.pool is not None:
+            on, size = parse_pool_switch("--pool", args.pool)
+            self.engine.pool(enabled=on, size=size)
         print(self.session.describe())
+        if args.pool is not None:
+            pool = self.engine.pool()
+            print(f"pool: {'on' if pool['enabled'] else 'off'}, {pool['size']} warm boxes per kind of cell, "
+                  f"at most {pool['max_total']} in all")
 
     def _cmd_tasks(self, args: argparse.Namespace) -> Any:
         from .widgets import TaskMonitor, TaskSource
