@@ -24,5 +24,7 @@ lint:
 	$(PY) -m ruff check hotbox_jupyter tests $(wildcard bench)
 	$(PY) -m mypy
 
+# Every bench/*.py program in turn, then bench/results/bench.{json,md}; BENCH="--quick" is the short
+# version, BENCH="--only box_start,magic_latency" a subset (see bench/run.py).
 bench: setup
-	for b in bench/*.py; do [ -e "$$b" ] || continue; $(PY) $$b || exit 1; done
+	$(PY) bench/run.py $(BENCH)
