@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 __all__ = [
+    "ISOLATION_TIERS",
     "SIZES",
     "BoxConf",
     "BoxSize",
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 MAX_TIMEOUT_S = 86400
+#: Isolation tiers of a box, weakest (and quickest to start) first.
+ISOLATION_TIERS = ("container", "gvisor", "microvm")
 
 
 def _hyphenate(name: str) -> str:
@@ -175,6 +178,8 @@ class BoxConf(HotModel):
     tmp_size: int | None = Field(default=None, description="/tmp tmpfs size in MB (default: size's)")
     disk_size: int | None = Field(default=None, description="/data disk size in MB (default: size's)")
     memory: int | None = Field(default=None, description="Memory limit in MB (default: size's)")
+    isolation: Literal["container", "gvisor", "microvm"] = Field(
+        default="container", description='"container" (runc, default), "gvisor" (runsc) or "microvm" (a Hotcell VM)')
 
     READ_ONLY_PIDS: ClassVar[int] = 100
     WRITABLE_PIDS: ClassVar[int] = 512
@@ -201,6 +206,14 @@ class BoxConf(HotModel):
     def _network(cls, v: Any) -> Any:
         if v not in ("none", "internet"):
             raise ValueError(f"network {v!r} is not allowed; allowed: 'none' (default) or 'internet'")
+        return v
+
+    @field_validator("isolation", mode="before")
+    @classmethod
+    def _isolation(cls, v: Any) -> Any:
+        if v not in ISOLATION_TIERS:
+            raise ValueError(f"isolation {v!r} is not a tier; allowed: {', '.join(map(repr, ISOLATION_TIERS))} "
+                             "(see hotbox doctor for the ones this host can run)")
         return v
 
     @field_validator("timeout")

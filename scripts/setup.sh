@@ -20,6 +20,7 @@ APT_PACKAGES=(
   mmdebstrap           # builds image root filesystems from Debian packages
   qemu-system-x86      # the microVM backend (-M microvm)
   qemu-utils           # qemu-img: the disk overlays that microVM snapshots save
+  runsc                # gVisor: the "gvisor" isolation tier (registered with dockerd below)
   busybox-static       # the microVM initramfs
   e2fsprogs            # mkfs.ext4 -d for VM root images and /data disks
   cpio zstd lz4        # initramfs packing, kernel extraction
@@ -58,6 +59,12 @@ if [ "$need_cgroupfs" = 1 ]; then
   cgroupfs-mount
 fi
 
+# --- gVisor's runsc as a Docker runtime ----------------------------------------------------------
+# Written before dockerd starts so that a fresh engine has it; a running one is reloaded further down.
+if [ "$(id -u)" = 0 ]; then
+  [ -n "$(python3 scripts/docker-runtimes.py)" ] && log "registered runsc in /etc/docker/daemon.json"
+fi
+
 # --- the Docker engine ----------------------------------------------------------------------------
 # docker-py talks to /var/run/docker.sock (or DOCKER_HOST); start dockerd if nothing answers there.
 # apt starts it already on a systemd machine; elsewhere it runs detached, logging to /var/log.
@@ -81,6 +88,20 @@ if ! docker info >/dev/null 2>&1; then
     log "dockerd did not come up; last lines of /var/log/hotbox-dockerd.log:"
     tail -20 /var/log/hotbox-dockerd.log >&2
     exit 1
+  fi
+fi
+
+# Runtimes are reloadable: SIGHUP, never a restart (running boxes, and other users of this engine, live on).
+if ! docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc-hostnet"'; then
+  pid=$(cat /var/run/docker.pid 2>/dev/null || true)
+  if [ "$(id -u)" = 0 ] && [ -n "$pid" ] && kill -HUP "$pid" 2>/dev/null; then
+    for _ in $(seq 1 20); do
+      docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc-hostnet"' && break
+      sleep 0.25
+    done
+    log "reloaded dockerd ($pid): runtimes $(docker info --format '{{json .Runtimes}}' | python3 -c 'import json,sys; print(*json.load(sys.stdin))')"
+  else
+    log "dockerd does not know runsc (the gvisor tier is off): run this script as root to register it"
   fi
 fi
 

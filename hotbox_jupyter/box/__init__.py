@@ -48,13 +48,16 @@ from . import policy, storage
 
 if TYPE_CHECKING:
     from .manager import TaskManager
+    from .tiers import TierInfo
 
 __all__ = [
     "aevents",
+    "available_tiers",
     "cancel",
     "enabled",
     "events",
     "image_policy",
+    "isolation_tiers",
     "logs",
     "pool",
     "quota",
@@ -289,6 +292,21 @@ def warm(conf: BoxConf | dict[str, Any], *, wait: float | None = None) -> int:
     manager = _get_manager()
     ready: int = _call(manager.pool.warm, _as_conf(conf), wait=wait)
     return ready
+
+
+def isolation_tiers(*, probe: bool = False) -> list[TierInfo]:
+    """Every isolation tier (container, gvisor, microvm) with whether this host runs it, why not, and its
+    start cost; ``probe=True`` measures that by starting one trivial box per tier (seconds)."""
+    from .tiers import isolation_tiers as tiers
+
+    return tiers(probe=probe)
+
+
+def available_tiers() -> list[str]:
+    """The isolation tiers this host can run, weakest first (what the attack suite runs against)."""
+    from .tiers import available_tiers as names
+
+    return names()
 
 
 def image_policy() -> ImagePolicyInfo:

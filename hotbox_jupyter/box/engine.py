@@ -39,7 +39,8 @@ from ..settings import Settings
 from . import policy
 from .storage import RootDisk
 
-__all__ = ["WRITABLE_CAPS", "BoxSpec", "Engine", "connect_engine", "translated"]
+__all__ = ["RUNTIMES", "WRITABLE_CAPS", "BoxSpec", "Engine", "box_command", "box_environment", "connect_engine",
+           "translated"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,36 @@ def translated(action: str) -> Iterator[None]:
         raise EngineUnavailableError(f"{action}: talking to the Docker engine failed ({exc}); {FIX_ENGINE}") from exc
 
 
+def box_command(conf: BoxConf) -> tuple[list[str] | None, list[str] | None]:
+    """A box's (entrypoint, cmd) overrides: ``script`` runs under ``sh -c 'set -ex ...'`` with the
+    entrypoint cleared; None keeps the image's."""
+    if conf.script is not None:
+        return (conf.entrypoint if conf.entrypoint is not None else [""],
+                ["/bin/sh", "-c", "set -ex\n" + conf.script])
+    return conf.entrypoint, conf.cmd
+
+
+def box_environment(image_env: list[str], extra_env: dict[str, str], user_env: dict[str, str]) -> dict[str, str]:
+    """A box's environment, whatever runs it: image env, the runtimes' bin prepended to PATH, ours, the user's."""
+    env: dict[str, str] = {}
+    for item in image_env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    path = env.get("PATH") or DEFAULT_PATH
+    env["PATH"] = f"{GUEST_RUNTIMES}/bin:{path}"
+    env.update(extra_env)
+    env.update(user_env)
+    return env
+
+
+#: Docker runtime per isolation tier and network (None: the engine's default, runc). Debian's runsc
+#: needs --network=none, or --network=host for a box with network (scripts/docker-runtimes.py).
+RUNTIMES: dict[tuple[str, str], str | None] = {
+    ("container", "none"): None, ("container", "internet"): None,
+    ("gvisor", "none"): "runsc", ("gvisor", "internet"): "runsc-hostnet",
+}
+
+
 @dataclass
 class BoxSpec:
     """Everything needed to create one box's container."""
@@ -100,25 +131,13 @@ class BoxSpec:
 
     def command(self) -> tuple[list[str] | None, list[str] | None]:
         """(entrypoint, cmd): ``script`` runs under ``sh -c 'set -ex ...'`` with the entrypoint cleared."""
-        conf = self.conf
         if self.waiter is not None:
             return self.waiter, []
-        if conf.script is not None:
-            return (conf.entrypoint if conf.entrypoint is not None else [""],
-                    ["/bin/sh", "-c", "set -ex\n" + conf.script])
-        return conf.entrypoint, conf.cmd
+        return box_command(self.conf)
 
     def environment(self) -> dict[str, str]:
         """Image env, the runtimes' bin prepended to PATH, then the user's env (which wins)."""
-        env: dict[str, str] = {}
-        for item in self.image_env:
-            key, _, value = item.partition("=")
-            env[key] = value
-        path = env.get("PATH") or DEFAULT_PATH
-        env["PATH"] = f"{GUEST_RUNTIMES}/bin:{path}"
-        env.update(self.extra_env)
-        env.update(self.conf.env)
-        return env
+        return box_environment(self.image_env, self.extra_env, self.conf.env)
 
     def create_kwargs(self, api: docker.APIClient) -> dict[str, Any]:
         """Keyword arguments of ``APIClient.create_container`` for this box."""
@@ -141,6 +160,7 @@ class BoxSpec:
             nano_cpus=int(lim.cpu * 1e9),
             network_mode="bridge" if self.conf.network == "internet" else "none",
             init=True,
+            runtime=RUNTIMES[(self.conf.isolation, self.conf.network)],
         )
         entrypoint, cmd = self.command()
         return {
@@ -261,6 +281,11 @@ class Engine:
         # An image id, a digest or another registry's name may be a denied image under another name.
         policy.check_resolved(image, list(info.get("RepoTags") or []) + list(info.get("RepoDigests") or []))
         return dict(info.get("Config") or {})
+
+    def runtimes(self) -> list[str]:
+        """The OCI runtimes this engine has registered (runc, runsc, ...)."""
+        with translated("asking the Docker engine for its runtimes"):
+            return sorted((self.api.info().get("Runtimes") or {}).keys())
 
     def pull(self, image: str, progress: Callable[[str], None]) -> None:
         """Get a missing image: pulled from its registry with coalesced progress lines, or, for the local

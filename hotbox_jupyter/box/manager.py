@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,6 +102,7 @@ class _Task:
         self.done = anyio.Event()
         self.journal = Journal(task_dir / "console.log")
         self.container_id: str | None = None
+        self.vm_signal: Callable[[str], Awaitable[None]] | None = None  # a microvm box's kill()
         self.cancel_reason: ExitReason | None = None
         self.pending_scope: anyio.CancelScope | None = None
         self.started: float | None = None
@@ -155,6 +156,7 @@ class TaskManager:
         # Ready /data disks by (size MB, uid, gid), made after a box took one (see _take_spare).
         self._spares: dict[tuple[int, int, int], Path] = {}
         self._spare_busy: set[tuple[int, int, int]] = set()
+        self._tiers_ok: set[str] = set()
         self.pool = WarmPools(self, settings.pool)
         """The warm pools (off unless settings.pool.enabled or ``pool.configure(enabled=True)``)."""
 
@@ -245,7 +247,9 @@ class TaskManager:
                              f"on this host: {unenforceable}; the box is refused rather than run without them")
         if self._tg is None:
             raise HotboxError("the task manager is not serving; start it with `await tg.start(manager.serve)`")
-        await self._connect(warn=False)
+        engine = await self._connect(warn=False)
+        if conf.isolation != "container":
+            await self._check_tier(engine, conf.isolation)
         limits = conf.limits()
         # A warm box carries its own labels, made before the caller's were known.
         warm = self.pool.take(conf, limits) if labels is None else None
@@ -283,8 +287,18 @@ class TaskManager:
         task.warm = warm
         self._tasks[task_id] = task
         self._streams[info.stream_id] = task
-        self._tg.start_soon(self._run, task)
+        self._tg.start_soon(self._run_vm if conf.isolation == "microvm" else self._run, task)
         return info
+
+    async def _check_tier(self, engine: Engine, isolation: str) -> None:
+        """ConfigError when this host cannot run ``isolation`` (asked once per manager and tier)."""
+        from .tiers import unavailable_reason
+
+        if isolation not in self._tiers_ok:
+            problem = await self._thread(unavailable_reason, engine, isolation)
+            if problem is not None:
+                raise ConfigError.invalid("isolation", isolation, f"a tier this host can run ({problem})")
+            self._tiers_ok.add(isolation)
 
     # -- running a box ------------------------------------------------------------------------------
 
@@ -317,13 +331,7 @@ class TaskManager:
                         await pumped.wait()
                     tg.cancel_scope.cancel()
         except Exception as exc:
-            leaf = _leaf(exc)
-            if isinstance(leaf, HotboxError):
-                error = str(leaf)
-                log.info("task %s failed: %s", task.info.id, leaf)
-            else:  # a bug must not leave the box behind nor hang its waiters
-                error = f"internal error: {leaf!r}"
-                log.error("task %s crashed", task.info.id, exc_info=exc)
+            error = _failure(task, exc)
         finally:
             with anyio.CancelScope(shield=True):
                 task.ended = task.ended or time.monotonic()
@@ -351,6 +359,41 @@ class TaskManager:
         if disk_full(self.storage.root):
             return f"the project's hot:// storage (/hot, {self.storage.quota_mb} MB, storage_mb in hot.toml)"
         return None
+
+    async def _run_vm(self, task: _Task) -> None:
+        """A ``microvm`` box: the same life as :meth:`_run` (cancel, timeout, events, billing) in a Hotcell VM."""
+        from .vmtier import prepare_vm_box
+
+        engine = self._engine
+        assert engine is not None
+        exit_code: int | None = None
+        timed_out = False
+        state: dict[str, Any] | None = None
+        error: str | None = None
+        vm = None
+        try:
+            with anyio.CancelScope() as pending:
+                task.pending_scope = pending
+                vm = await prepare_vm_box(engine, task.conf, task.limits, task.info.id, task.stdin, task.progress)
+            task.pending_scope = None
+            if vm is not None and task.cancel_reason is None:
+                task.vm_signal = vm.signal
+
+                def started() -> None:
+                    task.started = time.monotonic()
+                    task.status = TaskStatus.RUNNING
+
+                exit_code, timed_out, state = await vm.run(task.limits, task.feed, started)
+                task.pids_hit = bool(state.get("Pids"))
+        except Exception as exc:
+            error = _failure(task, exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                task.ended = task.ended or time.monotonic()
+                if vm is not None:
+                    await vm.close()
+                task.feed_eof()
+                await self._finish(task, exit_code, timed_out, state, error)
 
     async def _prepare(self, engine: Engine, task: _Task, disk: DataDisk, tg: TaskGroup, pumped: anyio.Event) -> None:
         """Image, /data disk, container, attached stream; then start it. Cancellable until the container runs."""
@@ -651,11 +694,13 @@ class TaskManager:
         for sig in [*signals, "SIGKILL"]:
             # The container may still be being created: wait for it, briefly, rather than miss it.
             with anyio.move_on_after(grace if sig != "SIGKILL" else 0):
-                while task.container_id is None and not task.done.is_set():
+                while task.container_id is None and task.vm_signal is None and not task.done.is_set():
                     await anyio.sleep(0.02)
             if task.done.is_set():
                 return
-            if task.container_id is not None and engine is not None and task.status is TaskStatus.RUNNING:
+            if task.vm_signal is not None and task.status is TaskStatus.RUNNING:
+                await task.vm_signal(sig)
+            elif task.container_id is not None and engine is not None and task.status is TaskStatus.RUNNING:
                 with contextlib.suppress(HotboxError):
                     await self._thread(engine.kill, task.container_id, sig)
             if sig == "SIGKILL":
@@ -780,6 +825,17 @@ def _as_conf(conf: Any) -> BoxConf:
         raise ConfigError.invalid("conf", type(conf).__name__, "a BoxConf or a dict of BoxConf fields")
     parsed: BoxConf = BoxConf.model_validate(conf)
     return parsed
+
+
+def _failure(task: _Task, exc: Exception) -> str:
+    """The error message of a task that failed with ``exc`` (a bug is logged with its traceback)."""
+    leaf = _leaf(exc)
+    if isinstance(leaf, HotboxError):
+        log.info("task %s failed: %s", task.info.id, leaf)
+        return str(leaf)
+    # A bug must not leave the box behind nor hang its waiters.
+    log.error("task %s crashed", task.info.id, exc_info=exc)
+    return f"internal error: {leaf!r}"
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     run.add_argument("--timeout", type=int, help="timeout in seconds (default: the size's, max 86400)")
     run.add_argument("--network", default="none", help="'none' (default) or 'internet'")
     run.add_argument("--writable", action="store_true", help="writable root filesystem, run as root")
+    run.add_argument("--isolation", default="container",
+                     help="'container' (runc, default), 'gvisor' (runsc) or 'microvm' (a Hotcell VM); "
+                          "`hotbox doctor` lists what this host can run")
     run.add_argument("--tmp-size", type=int, metavar="MB", help="/tmp tmpfs size in MB")
     run.add_argument("--disk-size", type=int, metavar="MB", help="/data disk size in MB")
     run.add_argument("--memory", type=int, metavar="MB", help="memory limit in MB")
@@ -70,7 +73,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _conf(args: argparse.Namespace) -> dict[str, Any]:
     conf: dict[str, Any] = {"image": args.image, "size": args.size, "network": args.network,
-                            "writable": args.writable}
+                            "writable": args.writable, "isolation": args.isolation}
     cmd = list(args.cmd)
     if cmd[:1] == ["--"]:
         cmd = cmd[1:]

@@ -310,7 +310,28 @@ def check_backends(probes: list[Any] | None) -> list[Check]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_checks() -> DoctorReport:
+def check_tiers(*, measure: bool = False) -> list[Check]:
+    """Which isolation tiers (container, gvisor, microvm) this host runs, and each one's start cost."""
+    from ..box.tiers import isolation_tiers
+
+    try:
+        tiers = isolation_tiers(probe=measure)
+    except Exception as exc:  # a finding, not a crash
+        return [_warn("isolation tiers", f"could not be checked: {exc!r}", "report this")]
+    out = []
+    for t in tiers:
+        cost = ""
+        if t.start_s is not None:
+            cost = f"; start ~{t.start_s:.2f} s ({'measured now' if t.measured else 'typical, --measure to time it'})"
+        if t.available:
+            out.append(_ok(f"tier {t.name}", f"available: {t.reason}{cost}", **t.model_dump()))
+        else:
+            out.append(_warn(f"tier {t.name}", f"unavailable: {t.reason}", f"boxes with isolation={t.name!r} are "
+                             "refused here; see the reason", **t.model_dump()))
+    return out
+
+
+def run_checks(*, measure: bool = False) -> DoctorReport:
     """Run every check; never raises for what it finds (that is what the report is for)."""
     checks: list[Check] = []
     checks += check_settings()
@@ -333,11 +354,12 @@ def run_checks() -> DoctorReport:
         probes = None
     checks.append(check_kvm(probes))
     checks += check_backends(probes)
+    checks += check_tiers(measure=measure)
     return DoctorReport(ok=not any(c.status == "FAIL" for c in checks), checks=checks)
 
 
 def _main(args: argparse.Namespace) -> int:
-    report = run_checks()
+    report = run_checks(measure=args.measure)
     if args.json:
         print(json.dumps(report.model_dump(), indent=2, default=str))
     else:
@@ -356,4 +378,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                        description="Check what Hot Box and Hotcell need on this machine. Exit code 0 when Hot Box "
                                    "can run, 1 otherwise.")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--measure", action="store_true",
+                   help="start one trivial box per isolation tier and report its start time (seconds)")
     p.set_defaults(func=_main)

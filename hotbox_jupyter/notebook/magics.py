@@ -225,7 +225,7 @@ def build_request(args: argparse.Namespace, body: str, session: SessionConfig,
         "size": args.size or session.size,
         "env": env,
     }
-    for name in ("timeout", "network", "tmp_size", "disk_size", "memory"):
+    for name in ("timeout", "network", "tmp_size", "disk_size", "memory", "isolation"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
@@ -447,6 +447,7 @@ class HotboxMagics(Magics):
     @argument("--timeout", "-t", help="seconds before the box is stopped (default: the size's)")
     @argument("--network", help='"none" (default) or "internet"')
     @argument("--writable", action="store_true", help="writable root filesystem, run as root")
+    @argument("--isolation", help='"container" (runc, default), "gvisor" (runsc) or "microvm" (a Hotcell VM)')
     @argument("--tmp-size", dest="tmp_size", help="/tmp tmpfs size in MB (default: the size's)")
     @argument("--disk-size", dest="disk_size", help="/data disk size in MB (default: the size's)")
     @argument("--memory", help="memory limit in MB (default: the size's)")

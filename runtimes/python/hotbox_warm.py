@@ -22,6 +22,7 @@ import json
 import os
 import random
 import struct
+import threading
 import time
 
 __all__ = ["find_port", "receive", "send", "wait_for_start"]
@@ -38,11 +39,13 @@ class _Channel:
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._buf = b""
+        self._lock = threading.Lock()
 
     def send(self, obj: dict) -> None:
         view = memoryview((json.dumps(obj, separators=(",", ":")) + "\n").encode())
-        while view:
-            view = view[os.write(self.fd, view):]
+        with self._lock:
+            while view:
+                view = view[os.write(self.fd, view):]
 
     def receive(self) -> dict:
         while b"\n" not in self._buf:
@@ -79,7 +82,7 @@ def _get() -> _Channel:
 
 
 def send(obj: dict) -> None:
-    """Send one JSON object to the host."""
+    """Send one JSON object to the host (from any thread)."""
     _get().send(obj)
 
 
