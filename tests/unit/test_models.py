@@ -40,7 +40,9 @@ def test_boxconf_has_every_seed_field_with_its_default() -> None:
     assert (conf.tmp_size, conf.disk_size, conf.memory) == (None, None, None)
     seed_names = {"image", "size", "script", "cmd", "entrypoint", "env", "timeout", "network", "writable",
                   "tmp-size", "disk-size", "memory"}
-    assert set(conf.model_dump(by_alias=True)) == seed_names
+    # One field beyond the seed's: the isolation tier (issue 9), container by default as before it.
+    assert conf.isolation == "container"
+    assert set(conf.model_dump(by_alias=True)) == seed_names | {"isolation"}
 
 
 def test_hyphenated_aliases_and_python_names_both_work() -> None:
