@@ -24,6 +24,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,16 @@ def resolve_command(conf: BoxConf, image_config: dict[str, Any]) -> list[str]:
     return argv
 
 
+@dataclass
 class VmBox:
     """A prepared microVM box: the warm VM waiting for its task (or, without python3, a plain config)."""
 
-    def __init__(self, *, warm: Any, backend: Any, handle: Any, vm_config: Any, payload: dict[str, Any]) -> None:
-        self.warm = warm
-        self.backend = backend
-        self.handle = handle
-        self.vm_config = vm_config
-        self.payload = payload
-        self.killed = False
+    warm: Any
+    backend: Any
+    handle: Any
+    vm_config: Any
+    payload: dict[str, Any]
+    killed: bool = False
 
     async def signal(self, sig: str) -> None:
         """Deliver a signal to the task's process group; SIGKILL kills the VM."""
