@@ -25,6 +25,7 @@ APT_PACKAGES=(
   e2fsprogs            # mkfs.ext4 -d for VM root images and /data disks
   cpio zstd lz4        # initramfs packing, kernel extraction
   python3 python3-venv # an interpreter, and a venv for it when it is Debian's externally managed one
+  chromium             # the browser tests drive it through Playwright (executable_path; no browser download)
 )
 
 # --- Debian packages ------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ mkdir -p .hotbox
 stamp=".hotbox/setup-stamp"
 stamp_for() { echo "$(sha256sum pyproject.toml | cut -d' ' -f1) $("$1" -c 'import sys; print(sys.executable)')"; }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$(stamp_for "$PY")" ] \
-   || ! "$PY" -c 'import hotbox_jupyter, pytest_timeout, nbclient, docker' >/dev/null 2>&1; then
+   || ! "$PY" -c 'import hotbox_jupyter, pytest_timeout, nbclient, docker, playwright, jupyterlab' >/dev/null 2>&1; then
   if ! can_install "$PY"; then
     log "$PY cannot install packages (no pip, or externally managed): making a virtual environment in .venv"
     "$PY" -m venv .venv

@@ -290,8 +290,8 @@ class SizeTable(_Fallbacks, w.VBox):  # type: ignore[misc]
         self.tiers = list(tiers) if tiers is not None else None
         header = [*self.HEADER, "Cost of run"]
         self._cells: dict[str, list[w.Button]] = {}
-        grid: list[w.Widget] = [w.HTML(f"<b>{html.escape(h)}</b>", layout=w.Layout(padding="0 6px"))
-                                for h in header]
+        grid: list[w.Widget] = [w.HTML(f"<div style='text-align:center'><b>{html.escape(h)}</b></div>",
+                                       layout=w.Layout(padding="0 6px")) for h in header]
         for p, row in zip(self.sizes, self.rows(), strict=True):
             cells = []
             for text in row:
@@ -475,7 +475,7 @@ class QuotaWidget(_Live, _Fallbacks, w.VBox):  # type: ignore[misc]
             bar.max = max(float(limit), 1e-9) if limit is not None else max(used, 1e-9)
             bar.value = min(used, bar.max)
             bar.bar_style = _BAR_STYLES[level]
-            bar.layout.visibility = "visible" if limit is not None else "hidden"
+            bar.layout.display = None if limit is not None else "none"  # no limit, no bar: the words say it
             label.value = (f"<span style='color:{_LEVEL_COLOURS[level]}' data-level='{level}'>"
                            f"{html.escape(lines[key])}</span>")
             for lv in ("ok", "warning", "error"):
