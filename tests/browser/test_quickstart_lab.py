@@ -91,6 +91,10 @@ def jupyterlab(root: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     notification = private / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True)
     notification.write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    # No build check: the page would ask the server to scan the lab's build on every load.
+    page_config = private / "config" / "labconfig" / "page_config.json"
+    page_config.parent.mkdir(parents=True)
+    page_config.write_text('{"buildCheck": false, "buildAvailable": false}')
     log = (root / "jupyterlab.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -144,13 +148,24 @@ class Lab:
         return str(self.cell(i).locator(".jp-InputPrompt").inner_text()).strip()
 
     def start(self, i: int) -> None:
-        """Run cell ``i`` (click into it, Shift+Enter) without waiting for it to finish."""
+        """Run cell ``i`` (click into it, Shift+Enter) without waiting for it to finish.
+
+        A cell run before the page's kernel connection is ready is silently not run (its prompt stays
+        ``[ ]``), so the keys are pressed again then; a cell that started shows ``[*]`` at once.
+        """
         cell = self.cell(i)
-        cell.locator(".jp-InputArea-editor").click()
-        # Keys go where the focus is: wait until the cell's editor has it.
-        self.wait(lambda: cell.locator(".cm-editor.cm-focused").count() == 1, 10, f"cell {i}'s editor to take focus")
-        self.page.keyboard.press("Shift+Enter")
-        self.wait(lambda: self.prompt(i) != "[ ]:", 10, f"cell {i} to start")
+        for _attempt in range(5):
+            cell.locator(".jp-InputArea-editor").click()
+            # Keys go where the focus is: wait until the cell's editor has it.
+            self.wait(lambda: cell.locator(".cm-editor.cm-focused").count() == 1, 10, f"cell {i}'s editor to focus")
+            self.page.keyboard.press("Shift+Enter")
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                if self.prompt(i) != "[ ]:":
+                    return
+                self.page.wait_for_timeout(50)
+        self.screenshot(f"cell-{i}-never-started")
+        raise AssertionError(f"cell {i} did not start")
 
     def run(self, i: int, timeout: float = 60) -> str:
         """Run cell ``i`` and wait until it finished; its output text."""
