@@ -142,14 +142,11 @@ class PoolSettings(HotModel):
 def parse_pool_switch(field: str, value: Any) -> tuple[bool, int | None]:
     """``on``/``off`` (and the other boolean spellings) or a number of warm boxes per pool (0 is off)."""
     s = str(value).strip().lower()
-    if s in _TRUE:
+    if s in _TRUE - {"1"}:
         return True, None
-    if s in _FALSE:
+    if s in _FALSE - {"0"}:
         return False, None
-    try:
-        n = int(s)
-    except ValueError:
-        n = -1
+    n = int(s) if s.isdigit() else -1  # "1" is one warm box per pool, "0" none
     if not 0 <= n <= MAX_POOL_SIZE:
         raise ConfigError.invalid(field, value, f"on, off, or warm boxes per pool (0..{MAX_POOL_SIZE}; 0 is off)")
     return n > 0, n or None

@@ -15,11 +15,14 @@ import box_support
 import docker
 import pytest
 from box_support import PYTHON, SHELL, containers, hot_toml, hotbox_home, run
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
 
 from hotbox_jupyter import box
 from hotbox_jupyter.box.billing import Ledger
 from hotbox_jupyter.box.manager import TaskManager
 from hotbox_jupyter.box.pools import LABEL_POOL, PYTHON_CELL
+from hotbox_jupyter.errors import ConfigError
 from hotbox_jupyter.owner import LABEL_OWNER_PID
 from hotbox_jupyter.settings import load_settings
 
@@ -204,3 +207,24 @@ def test_pools_are_off_unless_turned_on(project: Path, client: docker.DockerClie
     while _warm_containers(client):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_hotbox_config_pool_turns_warm_cells_on_for_the_magic(project: Path, shell: InteractiveShell) -> None:
+    probe = "%%hotbox hotbox/python --size nano\nimport sys\nprint('in the warm interpreter:', 'cell' in sys.modules)"
+    with capture_output() as cold:
+        shell.run_cell(probe)
+    assert "in the warm interpreter: False" in cold.stdout, cold.stdout + cold.stderr
+    try:
+        with capture_output() as said:
+            shell.run_line_magic("hotbox", "config --pool 1")
+        assert "pool: on, 1 warm boxes per kind of cell" in said.stdout
+        conf = {"image": "hotbox/python", "size": "nano", "cmd": PYTHON_CELL, "env": {"PYTHONUNBUFFERED": "1"}}
+        assert box.warm(conf, wait=60) == 1  # the pool of that cell's kind, filling since the cold cell ran
+        with capture_output() as warm:
+            shell.run_cell(probe)
+        assert "in the warm interpreter: True" in warm.stdout, warm.stdout + warm.stderr
+        with pytest.raises(ConfigError, match="--pool"):
+            shell.run_line_magic("hotbox", "config --pool lots")
+    finally:
+        shell.run_line_magic("hotbox", "config --pool off")
+    assert box.pool()["enabled"] is False

@@ -28,6 +28,10 @@ def test_pools_are_off_by_default_and_turned_on_by_hot_toml_or_env(tmp_path: Pat
     monkeypatch.setenv("HOTBOX_POOL", "7")
     pool = load_settings(tmp_path).pool
     assert (pool.enabled, pool.size, pool.source) == (True, 7, "HOTBOX_POOL")
+    monkeypatch.setenv("HOTBOX_POOL", "1")  # a number of boxes, not "true"
+    assert (load_settings(tmp_path).pool.enabled, load_settings(tmp_path).pool.size) == (True, 1)
+    monkeypatch.setenv("HOTBOX_POOL", "0")
+    assert load_settings(tmp_path).pool.enabled is False
 
 
 @pytest.mark.parametrize(("toml", "env", "field"), [
