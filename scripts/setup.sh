@@ -16,7 +16,8 @@ t_start=$(date +%s)
 APT_PACKAGES=(
   docker.io            # the engine: dockerd; pulls containerd, runc, tini (docker-init) and iptables
   iptables             # dockerd's bridge network for network="internet" (a Depends already; explicit on purpose)
-  docker-registry      # a registry server on loopback, to test pulls
+  docker-registry      # a registry server on loopback, to test pulls (and the swarm tests' registry)
+  iproute2             # network namespaces, veths and a bridge for the swarm tests' engines (tests/swarm)
   mmdebstrap           # builds image root filesystems from Debian packages
   qemu-system-x86      # the microVM backend (-M microvm)
   qemu-utils           # qemu-img: the disk overlays that microVM snapshots save

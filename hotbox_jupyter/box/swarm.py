@@ -21,7 +21,8 @@ small POSIX-sh wrapper in front of the command checks inside the box before the 
 * **stdin**: services cannot be attached to; the bytes travel base64-encoded in the environment;
 * **OOM**: the manager's task status says only "exit 137"; the wrapper reads the memory cgroup's
   ``oom_kill`` counter after the command and reports it, with the exit code, in a last stderr line
-  marked with a per-box nonce, which :class:`LogStream` strips from the console.
+  marked with a per-box nonce, which :class:`LogStream` strips from the console. The same mark ends
+  stdout too: the node logs the two pipes independently, so only both marks say the console is complete.
 
 A task whose node goes down gets the reason ``node_lost`` once the manager marks the node down.
 """
@@ -50,7 +51,17 @@ from ..errors import ConfigError, EngineUnavailableError, HotboxError, ImageErro
 from ..owner import LABEL_MANAGED
 from ..paths import GUEST_RUNTIMES, runtimes_dir
 from ..settings import Cluster
-from .engine import DATA_MOUNT, HOT_MOUNT, LABEL_STATE_DIR, WRITABLE_CAPS, AttachedStream, BoxSpec, Engine, translated
+from .engine import (
+    DATA_MOUNT,
+    HOT_MOUNT,
+    LABEL_STATE_DIR,
+    WRITABLE_CAPS,
+    AttachedStream,
+    BoxSpec,
+    Engine,
+    _probe,
+    translated,
+)
 
 __all__ = ["LOCAL_IMAGES", "LogStream", "SwarmEngine", "push_images", "registry_ref", "wrapper_command"]
 
@@ -69,7 +80,7 @@ FIX_SWARM = ("point [hot.cluster] manager (or DOCKER_HOST with HOTBOX_ENGINE=swa
 
 # The wrapper (POSIX sh; argv after it is the box's command). Comments would travel in every spec.
 WRAPPER = r"""m="$HOTBOX_MARK"; unset HOTBOX_MARK
-fail() { echo "hotbox: $1" >&2; printf '%s exit=125 oom=0\n' "$m" >&2; exit 125; }
+fail() { echo "hotbox: $1" >&2; printf '%s exit=125 oom=0\n' "$m" >&2; printf '%s\n' "$m"; exit 125; }
 if [ "$HOTBOX_NET" = none ]; then
   for i in /sys/class/net/*; do n=${i##*/}; [ "$n" = lo ] || [ "$n" = '*' ] || fail "refusing to run: \
 network=none but this node gave the box the interface $n (run the node's dockerd with --bridge=none)"; done
@@ -98,6 +109,7 @@ for f in /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events; 
   while read -r k v; do [ "$k" = oom_kill ] && [ "${v:-0}" -gt 0 ] && oom=1; done < "$f"
 done
 printf '%s exit=%s oom=%s\n' "$m" "$rc" "$oom" >&2
+printf '%s\n' "$m"
 exit $rc
 """
 
@@ -152,7 +164,8 @@ class LogStream(AttachedStream):
         self._sock: socket.socket | None = None
         self._closed = False
         self._done = False
-        self._marker = False  # the wrapper's last line was seen
+        self._marker = False  # the wrapper's last line was seen on stdout and stderr
+        self._marks: set[int] = set()
         self._seen = 0  # frames read so far (the catch-up skips as many)
         self._pending: list[tuple[int, bytes]] = []
         self._lock = threading.Lock()
@@ -201,22 +214,23 @@ class LogStream(AttachedStream):
             res.close()
         for kind, data in frames[self._seen:]:
             self._seen += 1
-            stop = self._marked(kind, data)
-            if stop is not None:
-                if stop:
-                    self._pending.append((kind, stop))
-                return
+            before = self._marked(kind, data)
+            data = data if before is None else before
             if data:
                 self._pending.append((kind, data))
+            if self._marker:
+                return
 
     def _marked(self, kind: int, data: bytes) -> bytes | None:
         """None if ``data`` has no wrapper line; else what came before it (the line itself is consumed)."""
         mark = self._box.mark.encode()
-        if kind != 2 or mark not in data:
+        if mark not in data:
             return None
         before, _, after = data.partition(mark)
-        self._engine._wrapper_said(self._box, after.decode(errors="replace"))
-        self._marker = True
+        if kind == 2:
+            self._engine._wrapper_said(self._box, after.decode(errors="replace"))
+        self._marks.add(kind)
+        self._marker = self._marks >= {1, 2}
         return before
 
     def _drain_watch(self) -> None:
@@ -254,7 +268,7 @@ class LogStream(AttachedStream):
             kind, data = frame
             before = self._marked(kind, data)
             if before is not None:
-                self._done = True
+                self._done = self._marker
                 data = before
             if data:
                 return [(kind, data)]
@@ -442,6 +456,10 @@ class SwarmEngine(Engine):
 
     def shared_runtimes(self) -> str:
         """The guest runtimes, copied once per version onto the shared storage, so any image on any node has them."""
+        with self._lock:
+            return self._shared_runtimes()
+
+    def _shared_runtimes(self) -> str:
         if self._runtimes is None:
             assert self.cluster.storage is not None
             src = runtimes_dir()
@@ -451,7 +469,7 @@ class SwarmEngine(Engine):
                     digest.update(str(p.relative_to(src)).encode() + b"\0" + p.read_bytes())
             dest = self.cluster.storage / ".hotbox-runtimes" / digest.hexdigest()[:16]
             if not dest.is_dir():
-                tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+                tmp = dest.with_name(f"{dest.name}.tmp-{secrets.token_hex(4)}")  # other processes may copy too
                 shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
                 with contextlib.suppress(OSError):
                     tmp.rename(dest)
@@ -583,6 +601,7 @@ def _client(cluster: Cluster, address: str) -> docker.DockerClient:
         tls = docker.tls.TLSConfig(client_cert=(str(cert), str(key)), ca_cert=str(ca), verify=True)
         address = address.replace("tcp://", "https://", 1)
     with _swarm_translated(f"connecting to the swarm manager at {address}"):
+        _probe(address)  # a plain message for "nothing listens there", and no socket leaked by docker-py
         if files is None and address == os.environ.get("DOCKER_HOST"):
             return docker.from_env(timeout=120)  # DOCKER_TLS_VERIFY / DOCKER_CERT_PATH apply
         return docker.DockerClient(base_url=address, tls=tls, timeout=120)

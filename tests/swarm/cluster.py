@@ -145,11 +145,22 @@ class SwarmLab:
     def registry(self) -> str:
         return REGISTRY
 
+    @property
+    def shared(self) -> Path:
+        """The "shared filesystem" behind hot://: every node here is on this machine, so one directory is
+        the same path on all of them, as an NFS mount at the same path is on real nodes."""
+        return self.base / "shared"
+
+    def node_of_cgroup(self, text: str) -> Node | None:
+        """The node whose engine started the process with this /proc/self/cgroup (its --cgroup-parent)."""
+        return next((n for n in self.nodes if f"/{n.cgroup_parent}/" in text), None)
+
     # -- start-up -----------------------------------------------------------------------------------
 
     def start(self, images: tuple[str, ...] = ()) -> SwarmLab:
         """Build the network, start the registry and the engines, form the swarm, publish ``images``."""
         try:
+            self.shared.mkdir(parents=True, exist_ok=True)
             self._network()
             self._registry()
             for node in self.nodes:
