@@ -63,7 +63,8 @@ from .engine import (
     translated,
 )
 
-__all__ = ["LOCAL_IMAGES", "LogStream", "SwarmEngine", "push_images", "registry_ref", "wrapper_command"]
+__all__ = ["LOCAL_IMAGES", "LogStream", "NodeReport", "SwarmEngine", "describe_swarm", "push_images", "registry_ref",
+           "wrapper_command"]
 
 log = logging.getLogger(__name__)
 
@@ -650,3 +651,83 @@ def push_images(names: Iterable[str], registry: str, *, via: str | None = None,
         src.close()
     return pushed
 
+
+
+@dataclass
+class NodeReport:
+    """One node as ``hotbox doctor`` shows it."""
+
+    id: str
+    hostname: str
+    role: str
+    state: str
+    availability: str
+    address: str
+    cpus: float
+    memory_mb: int
+    engine: str
+    images: dict[str, str] = field(default_factory=dict)  # image -> "present" / "missing: why" / "pulling"
+
+
+def describe_swarm(engine: SwarmEngine, images: Iterable[str] = LOCAL_IMAGES, *,
+                   probe_timeout: float = 30.0) -> list[NodeReport]:
+    """The swarm's nodes with their state and resources, and whether each can run each of ``images``.
+
+    A node's engine cannot be asked directly through the manager, so each (node, image) pair is probed
+    with a real box-like task pinned to the node (``true`` under the usual limits): it completes where
+    the node has the image or pulls it from the registry, and is rejected where it cannot get it.
+    """
+    api = engine.api
+    with _swarm_translated("listing the swarm's nodes"):
+        nodes = api.nodes()
+    reports = []
+    for n in nodes:
+        desc, status, spec = n.get("Description") or {}, n.get("Status") or {}, n.get("Spec") or {}
+        res = desc.get("Resources") or {}
+        reports.append(NodeReport(
+            id=n["ID"], hostname=desc.get("Hostname", "?"), role=spec.get("Role", "?"), state=status.get("State", "?"),
+            availability=spec.get("Availability", "?"), address=status.get("Addr", "?"),
+            cpus=round(res.get("NanoCPUs", 0) / 1e9, 2), memory_mb=int(res.get("MemoryBytes", 0)) >> 20,
+            engine=(desc.get("Engine") or {}).get("EngineVersion", "?")))
+    probes: dict[str, tuple[NodeReport, str]] = {}
+    for node in reports:
+        if node.state != "ready" or node.availability != "active":
+            continue
+        for image in images:
+            labels = {LABEL_MANAGED: "1", "io.hotbox.probe": "1"}
+            body = {"Name": f"hotbox-probe-{secrets.token_hex(5)}", "Labels": labels,
+                    "TaskTemplate": {
+                        "ContainerSpec": {"Image": registry_ref(image, engine.cluster.registry), "Command": ["true"],
+                                          "User": "65534:65534", "ReadOnly": True, "CapabilityDrop": ["ALL"],
+                                          "Labels": {LABEL_MANAGED: "1"}},
+                        "Resources": {"Limits": {"MemoryBytes": 32 << 20, "Pids": 16}},
+                        "RestartPolicy": {"Condition": "none"},
+                        "Placement": {"Constraints": [f"node.id == {node.id}"]}},
+                    "Mode": {"Replicated": {"Replicas": 1}}}
+            try:
+                with _swarm_translated("probing a node"):
+                    sid = api._result(api._post_json(api._url("/services/create"), data=body), json=True)["ID"]
+            except HotboxError as exc:
+                node.images[image] = f"not probed: {exc}"
+                continue
+            probes[sid] = (node, image)
+    deadline = time.monotonic() + probe_timeout
+    try:
+        while any(img not in node.images for node, img in probes.values()) and time.monotonic() < deadline:
+            with _swarm_translated("following the probes"):
+                tasks = api.tasks(filters={"service": list(probes)})
+            for t in tasks:
+                status = t.get("Status") or {}
+                state = status.get("State", "")
+                probe = probes.get(t.get("ServiceID", ""))
+                if probe is None or state not in TERMINAL:
+                    continue
+                found = "present" if state == "complete" else f"missing: {status.get('Err') or state}"
+                probe[0].images[probe[1]] = found
+            time.sleep(0.3)
+    finally:
+        for sid, (node, image) in probes.items():
+            node.images.setdefault(image, "pulling (not done within the probe's time)")
+            with contextlib.suppress(Exception):
+                api.remove_service(sid)
+    return reports

@@ -96,6 +96,51 @@ def check_settings() -> list[Check]:
     return [enabled, plan]
 
 
+def check_cluster() -> list[Check]:
+    """Where boxes run: the local engine, or a swarm (its nodes, their state and resources, their images)."""
+    from ..box.swarm import SwarmEngine, describe_swarm
+    from ..settings import load_settings
+
+    try:
+        cluster = load_settings().cluster
+    except HotboxError:
+        return []  # the config line says why
+    if cluster.engine == "local":
+        return [_ok("cluster", "boxes run on the local Docker engine ([hot.cluster] engine = \"swarm\" for a swarm)")]
+    fix = ("set [hot.cluster] manager (or DOCKER_HOST) to a swarm manager's Docker API; docs/scale-out.md says "
+           "how to set one up")
+    try:
+        engine = SwarmEngine(cluster)
+    except HotboxError as exc:
+        return [_fail("swarm", str(exc), fix, manager=cluster.manager or os.environ.get("DOCKER_HOST"))]
+    try:
+        nodes = describe_swarm(engine)
+    except HotboxError as exc:
+        return [_fail("swarm", f"the manager at {engine.address} answered, then failed: {exc}", fix)]
+    finally:
+        engine.close()
+    ready = [n for n in nodes if n.state == "ready" and n.availability == "active"]
+    where = f"registry {cluster.registry or '(none: nodes need the images locally)'}, " \
+            f"hot:// on {cluster.storage or '(no shared storage: hot:// is not mounted)'}"
+    summary = f"manager {engine.address}: {len(ready)} of {len(nodes)} nodes ready; {where}"
+    details = {"manager": engine.address, "registry": cluster.registry,
+               "storage": str(cluster.storage) if cluster.storage else None}
+    out = [_ok("swarm", summary, **details) if ready else
+           _fail("swarm", summary, "bring a node up (`docker node ls` on the manager)", **details)]
+    for n in nodes:
+        images = ", ".join(f"{img.split('/')[-1]} {state}" for img, state in n.images.items()) or "not probed"
+        summary = (f"{n.hostname} ({n.role}, {n.address}): {n.state}/{n.availability}, {n.cpus:g} CPUs, "
+                   f"{n.memory_mb} MB, Docker {n.engine}; images: {images}")
+        node = {k: getattr(n, k) for k in ("id", "hostname", "role", "state", "availability", "address", "cpus",
+                                              "memory_mb", "engine", "images")}
+        if n.state != "ready" or any(not s.startswith("present") for s in n.images.values()):
+            out.append(_warn(f"node {n.id[:12]}", summary, "`hotbox images push` publishes the images; "
+                             "a down node: restart its dockerd", **node))
+        else:
+            out.append(_ok(f"node {n.id[:12]}", summary, **node))
+    return out
+
+
 def check_runtimes() -> Check:
     """The guest runtimes directory that every box and VM gets at /opt/hotbox."""
     from ..paths import GUEST_RUNTIMES, runtimes_dir
@@ -335,6 +380,7 @@ def run_checks(*, measure: bool = False) -> DoctorReport:
     """Run every check; never raises for what it finds (that is what the report is for)."""
     checks: list[Check] = []
     checks += check_settings()
+    checks += check_cluster()
     engine, client = check_engine()
     checks.append(engine)
     try:

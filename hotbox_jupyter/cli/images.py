@@ -90,8 +90,28 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from ..box.swarm import LOCAL_IMAGES, push_images
+    from ..errors import ConfigError
+    from ..settings import load_settings
+
+    registry = args.registry or load_settings().cluster.registry
+    if not registry:
+        raise ConfigError.invalid("--registry", None, "host:port of the swarm's registry (or [hot.cluster] registry "
+                                  "in hot.toml, or HOTBOX_REGISTRY)")
+    names = []
+    for name in args.names or [n.split("/")[1] for n in LOCAL_IMAGES]:
+        ref = name if "/" in name else f"hotbox/{name}"
+        if ref.split(":")[0] not in LOCAL_IMAGES:
+            raise ConfigError.invalid("NAME", name, "python, node or shell (or hotbox/python, ...)")
+        names.append(ref)
+    for ref in push_images(names, registry, via=args.via, progress=_printer()):
+        print(f"pushed {ref}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``hotbox images build|list|pull`` to the ``hotbox`` parser."""
+    """Add ``hotbox images build|list|pull|push`` to the ``hotbox`` parser."""
     images = sub.add_parser("images", help="local hotbox/* images and registry pulls",
                             description="Build the local images from Debian packages (no registry needed), "
                                         "show their state, or pull an image from a registry.")
@@ -114,4 +134,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     pull = isub.add_parser("pull", help="make sure an image is present, pulling it with progress if needed")
     pull.add_argument("ref", help="image reference, e.g. 127.0.0.1:5000/team/tool:1.0")
     pull.set_defaults(func=_pull)
+
+    push = isub.add_parser("push", help="publish the local hotbox/* images to the swarm's registry",
+                           description="Tag the local hotbox/* images as REGISTRY/hotbox/NAME:latest and push them, "
+                                       "so that every swarm node can pull them (a swarm box naming hotbox/python runs "
+                                       "REGISTRY/hotbox/python:latest).")
+    push.add_argument("names", nargs="*", metavar="NAME", help="python, node or shell (default: all three)")
+    push.add_argument("--registry", help="host:port (default: [hot.cluster] registry or HOTBOX_REGISTRY)")
+    push.add_argument("--via", metavar="DOCKER_HOST",
+                      help="push from this engine instead (the images are copied into it first): for a registry "
+                           "only the cluster's network reaches")
+    push.set_defaults(func=_push)
 

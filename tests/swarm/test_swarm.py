@@ -7,6 +7,7 @@ Which node ran a box is read inside the box from /proc/self/cgroup: each lab eng
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -303,3 +304,35 @@ def test_the_reaper_removes_services_of_a_crashed_notebook(lab: SwarmLab, swarm_
     assert _service(lab, task_id) is None
     for node in lab.nodes:
         assert _gone_from(node, task_id)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def _hotbox(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hotbox_jupyter.cli", *args], capture_output=True, text=True,
+                          timeout=240, env=env)
+
+
+def test_doctor_shows_the_swarm_its_nodes_and_their_images(lab: SwarmLab, swarm_project: Path) -> None:
+    proc = _hotbox("doctor", "--json", env=os.environ.copy())
+    report = json.loads(proc.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["swarm"]["status"] == "OK" and "3 of 3 nodes ready" in checks["swarm"]["summary"], checks["swarm"]
+    nodes = [c for name, c in checks.items() if name.startswith("node ")]
+    assert len(nodes) == 3
+    for c in nodes:
+        d = c["details"]
+        assert d["state"] == "ready" and d["cpus"] > 0 and d["memory_mb"] > 0
+        assert d["images"]["hotbox/shell"] == "present", d["images"]  # pushed by the lab
+    assert {c["details"]["role"] for c in nodes} == {"manager", "worker"}
+    leftovers = lab.manager.docker("service", "ls", "-q").split()
+    assert not leftovers, "the doctor's probes must be removed"
+
+
+def test_images_push_publishes_to_the_registry(lab: SwarmLab, swarm_project: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}  # the images are on the local engine
+    proc = _hotbox("images", "push", "shell", "--registry", lab.registry, "--via", lab.manager.docker_host, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"pushed {lab.registry}/hotbox/shell:latest" in proc.stdout
+    bad = _hotbox("images", "push", "ubuntu", "--registry", lab.registry, env=env)
+    assert bad.returncode != 0 and "NAME='ubuntu'" in bad.stderr, bad.stderr
