@@ -259,9 +259,13 @@ def _cluster(table: Any) -> Cluster:
             data[key] = value
     try:
         cluster: Cluster = Cluster.model_validate(data)
-        return cluster
     except ValidationError as exc:
         raise ConfigError.from_validation("hot.cluster", exc) from exc
+    except ConfigError as exc:  # the model's own translation: name the fields as they are written in hot.toml
+        problems = [(f"hot.cluster.{f}", v, m) for f, v, m in exc.problems]
+        lines = "\n".join(f"  {f}={v!r}: {m}" for f, v, m in problems)
+        raise ConfigError(f"invalid [hot.cluster]: {', '.join(p[0] for p in problems)}\n{lines}", problems) from exc
+    return cluster
 
 
 def _pool_settings(table: Any, cfg_file: Path | None) -> PoolSettings:
