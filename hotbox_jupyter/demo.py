@@ -3,8 +3,11 @@
 Each notebook is executed with nbclient in a fresh kernel of the kind it names (``python3``, the one
 users have, or ``hotcell-python``, whose kernelspec is installed for the run when Jupyter has none), in
 the notebook's own directory, exactly as "Run all" would; then every code cell is printed with a readable
-summary of its outputs. The exit code is non-zero when a cell fails or a notebook cannot run, so the
-demo doubles as an end-to-end check in CI.
+summary of its outputs. Next to that summary (``NAME.txt``) a rendered HTML copy of the executed
+notebook is written (``NAME.html``, by nbconvert) into ``--out-dir`` (default ``build/demo``). The
+widgets appear there in their HTML form: the widget views themselves need the widget manager's
+script from a CDN, which a demo machine may not reach. The exit code is non-zero when a cell fails or
+a notebook cannot run, so the demo doubles as an end-to-end check in CI.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["default_notebooks", "main", "summarize"]
+__all__ = ["default_notebooks", "main", "render_html", "summarize"]
 
 _PKG = Path(__file__).resolve().parent
 MAX_LINES = 12
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def default_notebooks() -> list[Path]:
@@ -48,6 +52,19 @@ def _describe_bundle(data: dict[str, Any]) -> str:
     return head + ("\n" + _clip(text) if text else "")
 
 
+def _merged(outputs: list[Any]) -> list[Any]:
+    """Consecutive text of one stream as one output, as a front end shows it (nbclient keeps each message)."""
+    merged: list[Any] = []
+    for out in outputs:
+        last = merged[-1] if merged else None
+        if (out["output_type"] == "stream" and last is not None and last["output_type"] == "stream"
+                and last["name"] == out["name"]):
+            merged[-1] = {**last, "text": last["text"] + out["text"]}
+        else:
+            merged.append(out)
+    return merged
+
+
 def summarize(nb: Any) -> str:
     """The executed notebook as text: each code cell's first source line and its outputs."""
     out: list[str] = []
@@ -56,7 +73,7 @@ def summarize(nb: Any) -> str:
             continue
         first = (cell.source.strip().splitlines() or [""])[0]
         out.append(f"[{cell.get('execution_count') or ' '}] {first}")
-        for o in cell.get("outputs", []):
+        for o in _merged(cell.get("outputs", [])):
             kind = o["output_type"]
             if kind == "stream":
                 out.append(f"   {o['name']}:\n{_clip(o['text'])}")
@@ -68,10 +85,38 @@ def summarize(nb: Any) -> str:
     return "\n".join(out)
 
 
-def run_notebook(path: Path, *, kernel: str | None, timeout: int, save: Path | None) -> bool:
+def render_html(nb: Any) -> str:
+    """The executed notebook as one HTML page that reads offline: each widget in its HTML form.
+
+    Outputs that carry a widget view and a ``text/html`` form keep only the latter, and the widget
+    state is left out, so nbconvert has nothing to hand to a widget manager it would load from a CDN.
+    """
+    import copy
+
+    import nbconvert
+
+    nb = copy.deepcopy(nb)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = _merged(cell.outputs)
+        for out in cell.outputs:
+            data = out.get("data", {})
+            if WIDGET_VIEW in data and "text/html" in data:
+                del data[WIDGET_VIEW]
+    exporter_class: Any = nbconvert.HTMLExporter  # untyped
+    exporter = exporter_class()
+    body, _resources = exporter.from_notebook_node(nb)
+    return str(body)
+
+
+def run_notebook(path: Path, *, kernel: str | None, timeout: int, save: Path | None,
+                 out_dir: Path | None = None) -> bool:
     """Execute one notebook and print its summary; True when every cell ran without error.
 
     ``kernel``: the kernel to use; None means the one the notebook names (its kernelspec), else python3.
+    ``out_dir``: where to write ``NAME.txt`` (the summary) and ``NAME.html`` (the executed notebook).
     """
     import nbformat
     from nbclient import NotebookClient
@@ -87,9 +132,16 @@ def run_notebook(path: Path, *, kernel: str | None, timeout: int, save: Path | N
         print(f"== {path} (kernel {kernel})")
         t0 = time.monotonic()
         ok, failure = _execute(client)
-    print(summarize(nb))
+    summary = summarize(nb)
+    print(summary)
     if save is not None:
         write(nb, save)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        status = "ok" if ok else f"FAILED\n{failure}"
+        (out_dir / f"{path.stem}.txt").write_text(f"{path.name} (kernel {kernel}): {status}\n{summary}\n")
+        (out_dir / f"{path.stem}.html").write_text(render_html(nb))
+        print(f"== wrote {out_dir / path.stem}.html and .txt")
     if ok:
         print(f"== ok: {path.name} ran in {time.monotonic() - t0:.1f}s")
     else:
@@ -144,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernel", help="kernel to run them with (default: the one each notebook names)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds a cell may take (default: 300)")
     parser.add_argument("--save", type=Path, help="write the executed notebook here (one notebook only)")
+    parser.add_argument("--out-dir", type=Path, default=Path("build/demo"),
+                        help="where each notebook's rendered HTML and text summary go (default: build/demo)")
     args = parser.parse_args(argv)
     paths: list[Path] = args.notebooks or default_notebooks()
     if not paths:
@@ -152,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save is not None and len(paths) != 1:
         print("--save takes exactly one notebook", file=sys.stderr)
         return 2
-    results = [run_notebook(p, kernel=args.kernel, timeout=args.timeout, save=args.save) for p in paths]
+    results = [run_notebook(p, kernel=args.kernel, timeout=args.timeout, save=args.save, out_dir=args.out_dir)
+               for p in paths]
     return 0 if all(results) else 1
 
 

@@ -35,7 +35,16 @@ from ..errors import BoxFailedError, ConfigError, EngineUnavailableError, Hotbox
 from ..models import BoxConf, ExitReason, TaskInfo, TaskResult, parse_size
 from ..paths import GUEST_RUNTIMES
 from ..settings import parse_pool_switch
-from .render import DEFAULT_MAX_OUTPUT, BoxValue, EventFeed, EventRenderer, OutputWidgetSink, ShellSink, format_size
+from .render import (
+    DEFAULT_MAX_OUTPUT,
+    LINE_HOLD,
+    BoxValue,
+    EventFeed,
+    EventRenderer,
+    OutputWidgetSink,
+    ShellSink,
+    format_size,
+)
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
@@ -505,9 +514,10 @@ class HotboxMagics(Magics):
         renderer = EventRenderer(ShellSink(), task_id=task.id, max_output=self.session.max_output)
         feed = EventFeed(engine.events(task.stream_id), name=f"hotbox-events-{task.id}")
         try:
-            for batch in feed.batches():
+            for batch in feed.batches(idle=LINE_HOLD):
                 for ev in batch:
                     renderer.feed(ev)
+                renderer.tick()
         except KeyboardInterrupt:
             self._interrupted(task, feed, renderer, args)
             # Still a KeyboardInterrupt (the kernel reports the cell as interrupted and run-all stops),
@@ -544,9 +554,10 @@ class HotboxMagics(Magics):
                 break
         result: TaskResult | None = None
         try:
-            for batch in feed.batches(deadline=time.monotonic() + DRAIN_TIMEOUT_S):
+            for batch in feed.batches(idle=LINE_HOLD, deadline=time.monotonic() + DRAIN_TIMEOUT_S):
                 for ev in batch:
                     renderer.feed(ev)
+                renderer.tick()
             renderer.finish()
             result = self.engine.wait(task.id, timeout=DRAIN_TIMEOUT_S)
         except KeyboardInterrupt:
@@ -579,6 +590,7 @@ class HotboxMagics(Magics):
                 for batch in feed.batches(idle=0.1):
                     for ev in batch:
                         renderer.feed(ev)
+                    renderer.tick()
                     if not batch:
                         sink.flush()
                 renderer.finish()

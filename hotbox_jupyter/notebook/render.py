@@ -28,6 +28,7 @@ from ..events import DisplayData, ErrorValue, Event, Exit, Progress, ResultValue
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT",
+    "LINE_HOLD",
     "BoxValue",
     "EventFeed",
     "EventRenderer",
@@ -40,6 +41,8 @@ __all__ = [
 
 DEFAULT_MAX_OUTPUT = 2 * 1024 * 1024
 """Characters of console output a cell shows before it hides the rest (a few MB keeps a tab responsive)."""
+LINE_HOLD = 0.2
+"""Seconds text of one stream may wait for the other stream's unfinished line to end (see EventRenderer)."""
 
 
 def format_size(n: float) -> str:
@@ -188,6 +191,14 @@ class EventRenderer:
 
     ``show_result``: show the final-expression value as display data (the async view) instead of
     keeping it for the caller to return as the cell's value (the synchronous magic).
+
+    Order: events are shown in the order the engine delivered them, with one exception. The engine
+    reads a box's stdout and stderr through two pipes, so writes microseconds apart can reach it in
+    either order; a shell writes its ``set -x`` trace in pieces (``"+ "``, ``"echo"``, ``" line 2"``,
+    newline), and the command's own output would land in the middle of that line. So while one stream's
+    last line is unfinished, text of the other stream waits (at most ``hold`` seconds, or until a
+    non-text event) for that line to end. Callers call :meth:`tick` now and then so that waiting text
+    is shown when the line never ends.
     """
 
     def __init__(self, sink: OutputSink, *, task_id: str | None = None, max_output: int = DEFAULT_MAX_OUTPUT,
@@ -204,7 +215,11 @@ class EventRenderer:
         self.hidden = 0
         self.hidden_displays = 0
         self.events = 0
+        self.hold = LINE_HOLD
         self._capped_note = False
+        self._open: str | None = None  # "out" / "err": the stream whose last line is unfinished
+        self._held: list[tuple[str, str]] = []  # text of the other stream, waiting for that line
+        self._held_since = 0.0
 
     @property
     def capped(self) -> bool:
@@ -214,11 +229,11 @@ class EventRenderer:
     def feed(self, event: Event) -> None:
         """Show one event (or hide it, past the cap)."""
         self.events += 1
-        if isinstance(event, StdoutChunk):
-            self._text(event.text, self.sink.stdout)
-        elif isinstance(event, StderrChunk):
-            self._text(event.text, self.sink.stderr)
-        elif isinstance(event, DisplayData):
+        if isinstance(event, StdoutChunk | StderrChunk):
+            self._stream("out" if isinstance(event, StdoutChunk) else "err", event.text)
+            return
+        self._release()
+        if isinstance(event, DisplayData):
             self._display(event.data, event.metadata)
         elif isinstance(event, ResultValue):
             self.result = event
@@ -234,6 +249,31 @@ class EventRenderer:
         elif isinstance(event, Exit):
             self.exit = event
 
+    def tick(self) -> None:
+        """Show text that waited ``hold`` seconds for the other stream's line to end."""
+        if self._held and time.monotonic() - self._held_since >= self.hold:
+            self._release()
+
+    def _stream(self, kind: str, text: str) -> None:
+        if self._open is not None and kind != self._open:
+            if not self._held:
+                self._held_since = time.monotonic()
+            self._held.append((kind, text))
+            return
+        self._write(kind, text)
+        if self._open is None:
+            self._release()
+
+    def _write(self, kind: str, text: str) -> None:
+        self._text(text, self.sink.stdout if kind == "out" else self.sink.stderr)
+        if text:
+            self._open = None if text.endswith(("\n", "\r")) else kind
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        for kind, text in held:
+            self._write(kind, text)
+
     def value(self) -> BoxValue | None:
         """The final expression's value, ready to be a cell's result; None if the box gave none."""
         if self.result is None:
@@ -242,11 +282,13 @@ class EventRenderer:
 
     def note(self, text: str) -> None:
         """A line of hotbox's own, on stderr so that it stands apart from the box's output."""
+        self._release()
         self.sink.stderr(f"[hotbox] {text}\n")
         self.sink.flush()
 
     def finish(self) -> None:
         """After the last event: flush, and say how much was hidden and where to find it."""
+        self._release()
         if self.capped:
             parts = []
             if self.hidden:

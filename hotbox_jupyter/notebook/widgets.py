@@ -12,6 +12,7 @@ outputs).
 
 from __future__ import annotations
 
+import atexit
 import html
 import logging
 import math
@@ -214,6 +215,7 @@ class LiveTicker:
 
 TICKER = LiveTicker()
 """The process's ticker, shared by every live view the magics make."""
+atexit.register(TICKER.stop, 2.0)  # a refresh must not be cut off halfway by interpreter teardown
 
 
 class _Live:
@@ -229,6 +231,8 @@ class _Live:
         # Ask the front end to count its views: 0 again after one was shown means the output was cleared.
         widget._view_count = 0
         widget.observe(self._views_changed, names="_view_count")
+        if widget.comm is not None:  # the front end closing the comm closes the view here too
+            widget.comm.on_close(lambda _msg: self.close())
         ticker.add(id(self), self._tick)
 
     @property

@@ -16,7 +16,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from hotbox_jupyter import box
-from hotbox_jupyter.models import SIZES, BoxSize, ExitReason
+from hotbox_jupyter.models import SIZES, BoxSize, ExitReason, TaskStatus
 from hotbox_jupyter.notebook.widgets import QuotaWidget, SizeTable, TaskMonitor
 from hotbox_jupyter.owner import LABEL_TASK
 
@@ -67,8 +67,9 @@ def test_size_row_click_sets_the_next_boxs_memory(shell: InteractiveShell, clien
         res = shell.run_cell("%%hotbox hotbox/shell --async\necho up; sleep 30", store_history=False)
         task = res.result
         assert task.size is BoxSize.MEDIUM
-        container = _wait_for(lambda: _container(client, task.id), what="the container")
-        container.reload()
+        _wait_for(lambda: box.status(task.id) is not TaskStatus.PENDING, what="the box to start")
+        assert box.status(task.id) is TaskStatus.RUNNING, box.result(task.id)
+        container = _container(client, task.id)
         assert container.attrs["HostConfig"]["Memory"] == SIZES[BoxSize.MEDIUM].memory_mb * 1024 * 1024
         box.cancel(task.id, grace=0.5)
         # `%hotbox config --size` moves the highlight of the table too.

@@ -145,7 +145,7 @@ def test_async_output_reaches_the_widget_over_time(kernel: Any) -> None:
 def test_demo_notebook_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (notebook,) = [p for p in demo.default_notebooks() if p.name == "hotbox_magic_demo.ipynb"]
     out = tmp_path / "executed.ipynb"
-    code = demo.main([str(notebook), "--save", str(out)])
+    code = demo.main([str(notebook), "--save", str(out), "--out-dir", str(tmp_path / "demo")])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "== ok: hotbox_magic_demo.ipynb" in printed
@@ -153,3 +153,9 @@ def test_demo_notebook_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "5 ticks" in printed  # the async task's output, waited for in a later cell
     assert "exited with code 3" in printed  # the failure, shown with --no-raise-error
     assert out.exists()
+    # Next to the summary, an HTML copy that reads offline: the widgets in their HTML form.
+    summary = (tmp_path / "demo" / "hotbox_magic_demo.txt").read_text()
+    assert summary.startswith("hotbox_magic_demo.ipynb (kernel python3): ok") and "5 ticks" in summary
+    page = (tmp_path / "demo" / "hotbox_magic_demo.html").read_text()
+    assert "Hot Box quota" in page and "CUS Multiplier" in page
+    assert "application/vnd.jupyter.widget-view+json" not in page

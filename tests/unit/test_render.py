@@ -59,17 +59,45 @@ class RecordingSink:
 def test_events_are_shown_in_order_with_streams_apart() -> None:
     sink = RecordingSink()
     r = EventRenderer(sink, task_id="t1")
-    for ev in [StdoutChunk("a\rb"), StderrChunk("warn\n"), StdoutChunk("partial"),
+    for ev in [StdoutChunk("a\rb\n"), StderrChunk("warn\n"), StdoutChunk("partial"),
                DisplayData({"text/html": "<b>x</b>", "text/plain": "x"}), StdoutChunk(" line\n"),
                Exit(ExitReason.EXITED, 0, "exited with code 0")]:
         r.feed(ev)
     r.finish()
     kinds = [k for k, _ in sink.calls if k != "flush"]
     assert kinds == ["stdout", "stderr", "stdout", "display", "stdout"]
-    assert sink.text("stdout") == "a\rbpartial line\n"
+    assert sink.text("stdout") == "a\rb\npartial line\n"
     assert sink.text("stderr") == "warn\n"
     assert r.exit is not None and r.exit.exit_code == 0
     assert not r.capped
+
+
+def test_an_unfinished_line_is_not_split_by_the_other_stream() -> None:
+    # A shell writes its trace in pieces; the engine may deliver the command's output among them.
+    sink = RecordingSink()
+    r = EventRenderer(sink)
+    for ev in [StderrChunk("+ "), StdoutChunk("line 1\n"), StderrChunk("echo"), StderrChunk(" line 1\n"),
+               StdoutChunk("line 2\n"), StderrChunk("+ sleep 1\n")]:
+        r.feed(ev)
+    r.finish()
+    shown = [(k, v) for k, v in sink.calls if k != "flush"]
+    assert shown == [("stderr", "+ "), ("stderr", "echo"), ("stderr", " line 1\n"), ("stdout", "line 1\n"),
+                     ("stdout", "line 2\n"), ("stderr", "+ sleep 1\n")]
+
+
+def test_held_text_is_shown_when_the_line_never_ends() -> None:
+    sink = RecordingSink()
+    r = EventRenderer(sink)
+    r.hold = 0.05
+    r.feed(StderrChunk("Password: "))
+    r.feed(StdoutChunk("out\n"))
+    r.tick()
+    assert sink.text("stdout") == ""
+    time.sleep(0.06)
+    r.tick()
+    assert sink.text("stdout") == "out\n"
+    r.feed(StderrChunk("more"))  # stdout's line ended: stderr is shown at once
+    assert sink.text("stderr") == "Password: more"
 
 
 def test_result_is_kept_for_the_cell_or_shown_when_asked() -> None:
