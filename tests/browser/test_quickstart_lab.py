@@ -246,9 +246,9 @@ def test_quickstart_in_jupyterlab(lab: Lab) -> None:
     page.locator(".hotbox-sizes").wait_for()
     assert page.locator(".hotbox-size-small.hotbox-size-default").count() == 8  # the row, highlighted
     page.locator(".hotbox-size-row.hotbox-size-micro").nth(2).click()  # the CPU cell of the micro row
-    lab.wait(lambda: page.locator(".hotbox-size-micro.hotbox-size-default").count() == 8, 10,
-             "the micro row to be highlighted")
-    assert page.locator(".hotbox-size-small.hotbox-size-default").count() == 0
+    lab.wait(lambda: (page.locator(".hotbox-size-micro.hotbox-size-default").count() == 8
+                      and page.locator(".hotbox-size-small.hotbox-size-default").count() == 0), 10,
+             "the micro row to be highlighted instead of the small one")
     lab.screenshot("sizes-micro-chosen")
     memory = lab.run(lab.index_of("%%hotbox hotbox/shell\nlimit="))
     assert "memory limit: 128 MB" in memory, memory
