@@ -249,6 +249,8 @@ class Engine:
 
     # Whether /data is a disk the task manager makes on this machine (else the engine provides it).
     local_data = True
+    # The isolation tiers this engine can run at most (None: whatever this host has; see box/tiers.py).
+    only_tiers: tuple[str, ...] | None = None
 
     def __init__(self) -> None:
         with translated("connecting to the Docker engine"):

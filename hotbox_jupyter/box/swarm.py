@@ -287,6 +287,8 @@ class SwarmEngine(Engine):
     """Boxes as swarm services, through the manager's Docker API (see the module docstring)."""
 
     local_data = False  # /data is a tmpfs on the node, not a disk made on this machine
+    # The 20.10 service API cannot choose a runtime (no gvisor), and a microvm box would run on this machine.
+    only_tiers = ("container",)
 
     def __init__(self, cluster: Cluster) -> None:  # no super(): this connects to the manager, not the local engine
         self.cluster = cluster
@@ -328,6 +330,10 @@ class SwarmEngine(Engine):
 
     def pull(self, image: str, progress: Callable[[str], None]) -> None:
         """Nodes pull for themselves (from the registry for ``hotbox/*``)."""
+
+    def runtimes(self) -> list[str]:
+        """Only the nodes' default runtime: a service cannot name another one."""
+        return ["runc"]
 
     def create(self, spec: BoxSpec) -> str:
         """Create the box's service; its task is scheduled at once. Returns the service id.

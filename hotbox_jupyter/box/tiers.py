@@ -107,6 +107,8 @@ def unavailable_reason(engine: Engine, name: str) -> str | None:
     what TaskManager.start asks before it admits a box)."""
     if name == "container":
         return None
+    if engine.only_tiers is not None and name not in engine.only_tiers:
+        return f"the {type(engine).__name__} runs only {', '.join(engine.only_tiers)} boxes"
     if name == "gvisor":
         runtimes = engine.runtimes()
         if "runsc" in runtimes and "runsc-hostnet" in runtimes:

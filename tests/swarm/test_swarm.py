@@ -21,7 +21,7 @@ from cluster import SUBNET, Node, SwarmLab
 
 from hotbox_jupyter import box
 from hotbox_jupyter.box.storage import read_text
-from hotbox_jupyter.errors import BoxFailedError, EngineUnavailableError, QuotaExceededError
+from hotbox_jupyter.errors import BoxFailedError, ConfigError, EngineUnavailableError, QuotaExceededError
 from hotbox_jupyter.events import Exit, StdoutChunk
 from hotbox_jupyter.models import BoxConf, ExitReason, TaskResult, TaskStatus
 from hotbox_jupyter.owner import LABEL_TASK
@@ -330,3 +330,12 @@ def test_images_push_publishes_to_the_registry(lab: SwarmLab, swarm_project: Pat
     assert f"pushed {lab.registry}/hotbox/shell:latest" in proc.stdout
     bad = _hotbox("images", "push", "ubuntu", "--registry", lab.registry, env=env)
     assert bad.returncode != 0 and "NAME='ubuntu'" in bad.stderr, bad.stderr
+
+
+def test_other_isolation_tiers_are_refused_before_anything_starts(lab: SwarmLab, swarm_project: Path) -> None:
+    # A service cannot name a runtime (gvisor), and a microvm box would run on the notebook's machine.
+    for tier in ("gvisor", "microvm"):
+        with pytest.raises(ConfigError, match="isolation") as exc:
+            box.start({"image": SHELL, "cmd": ["true"], "isolation": tier})
+        assert "runs only container boxes" in str(exc.value)
+    assert box.quota().tasks_used == 0
