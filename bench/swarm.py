@@ -5,6 +5,7 @@ network namespaces, a registry, hotbox/shell pushed), then, with one warm task m
 the same event loop, in rounds that alternate the engines:
 
 * **one box**: ``start()`` → first console byte, and ``start()`` → complete (``wait()`` returns);
+* **live console**: a line the box prints mid-run (its ``date +%s.%N``) → received here;
 * **32 nano boxes** started at once: ``start()`` of the first → the last one complete, and where the
   swarm placed them (read in each box from /proc/self/cgroup: every lab engine has its own cgroup parent).
 
@@ -52,6 +53,24 @@ async def one_box(manager: TaskManager) -> tuple[float, float]:
     return first, done
 
 
+async def line_latency(manager: TaskManager, lines: int = 10) -> list[float]:
+    """For lines printed while a box runs: seconds from the box's clock at print to this process receiving it
+    (one machine, one clock)."""
+    conf = {"image": IMAGE, "size": "nano",
+            "cmd": ["sh", "-c", f"for i in $(seq {lines}); do date +%s.%N; sleep 0.2; done"]}
+    info = await manager.start(conf)
+    out: list[float] = []
+    buf = ""
+    async for ev in manager.events(info.id):
+        if isinstance(ev, StdoutChunk):
+            now = time.time()
+            buf += ev.text
+            *done, buf = buf.split("\n")
+            out += [now - float(t) for t in done if t.strip()]
+    await manager.wait(info.id)
+    return out
+
+
 async def many_boxes(manager: TaskManager, n: int, lab: SwarmLab) -> tuple[float, dict[str, int]]:
     """Seconds from the first start() to the last box complete, and how many boxes ran on each node."""
     conf = {"image": IMAGE, "size": "nano", "script": "grep -m1 pids /proc/self/cgroup; sleep 1"}
@@ -94,6 +113,12 @@ async def bench(lab: SwarmLab, args: argparse.Namespace, rep: Report) -> None:
             rep.add("one box", "start → first console byte (swarm)", "s", first["swarm"],
                     ("local engine", first["local"]), note="through the manager's service logs")
             rep.add("one box", "start → complete (swarm)", "s", done["swarm"], ("local engine", done["local"]))
+            live = {"local": [], "swarm": []}  # type: dict[str, list[float]]
+            for _ in range(max(1, args.runs // 3)):
+                for name, m in (("local", local), ("swarm", swarm)):
+                    live[name] += await line_latency(m)
+            rep.add("live console", "a line printed mid-run → received (swarm)", "s", live["swarm"],
+                    ("local engine", live["local"]), note="box clock vs host clock, same machine")
             many = {"local": [], "swarm": []}  # type: dict[str, list[float]]
             spreads = []
             for i in range(args.many_runs):

@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 LOCAL_IMAGES = ("hotbox/python", "hotbox/node", "hotbox/shell")
 STOP_GRACE_S = 2
 POLL_S = 0.1
+DIGEST_TTL_S = 60  # how long a tag's digest is trusted before asking the registry again
 NODE_POLL_S = 0.5
 # After the task ended without the wrapper's last line (it was killed), how long to wait for stragglers.
 LOG_DRAIN_S = 0.5
@@ -312,6 +313,7 @@ class SwarmEngine(Engine):
         self._poller: threading.Thread | None = None
         self._stopped = threading.Event()
         self._runtimes: str | None = None
+        self._digests: dict[str, tuple[str, float]] = {}
 
     # -- the Engine seam -------------------------------------------------------------------------
 
@@ -425,7 +427,7 @@ class SwarmEngine(Engine):
             mounts.append({"Type": "bind", "Source": self.shared_runtimes(), "Target": GUEST_RUNTIMES,
                            "ReadOnly": True})
         container: dict[str, Any] = {
-            "Image": registry_ref(conf.image, self.cluster.registry),
+            "Image": self.pinned(registry_ref(conf.image, self.cluster.registry)),
             "Command": wrapper_command(argv),
             "Env": [f"{k}={v}" for k, v in env.items()],
             "User": lim.user,
@@ -451,6 +453,29 @@ class SwarmEngine(Engine):
             template["Networks"] = [{"Target": self.internet_network()}]
         return {"Name": f"hotbox-{spec.task_id}", "Labels": labels, "TaskTemplate": template,
                 "Mode": {"Replicated": {"Replicas": 1}}}
+
+    def pinned(self, ref: str) -> str:
+        """``ref@sha256:...`` as the registry has it now (asked through the manager, remembered for a while).
+
+        A node pulls a tag on every task (to see whether it moved), which costs a registry round trip per box
+        (seconds under load); a digest it already has it does not pull again. Unresolvable: the tag as is.
+        """
+        if "@" in ref:
+            return ref
+        now = time.monotonic()
+        with self._lock:
+            hit = self._digests.get(ref)
+        if hit is not None and now - hit[1] < DIGEST_TTL_S:
+            return hit[0]
+        try:
+            digest = self.api.inspect_distribution(ref)["Descriptor"]["digest"]
+            pinned = f"{ref}@{digest}"
+        except Exception as exc:  # no registry answer: the nodes resolve the tag themselves
+            log.debug("cannot pin %s to a digest: %s", ref, exc)
+            pinned = ref
+        with self._lock:
+            self._digests[ref] = (pinned, now)
+        return pinned
 
     def internet_network(self) -> str:
         """The attachable overlay network boxes with network="internet" join (made once)."""

@@ -90,7 +90,7 @@ def test_the_spec_reserves_what_it_limits(lab: SwarmLab, swarm_project: Path) ->
     assert svc["Spec"]["Mode"] == {"Replicated": {"Replicas": 1}}
     spec = tmpl["ContainerSpec"]
     assert spec["ReadOnly"] is True and spec["CapabilityDrop"] == ["ALL"] and spec["User"] == "65534:65534"
-    assert spec["Image"] == f"{lab.registry}/{SHELL}:latest"
+    assert spec["Image"].startswith(f"{lab.registry}/{SHELL}:latest@sha256:"), spec["Image"]  # pinned
     box.cancel(info.id)
     result = _wait(info.id)
     assert result.reason is ExitReason.CANCELLED and result.status is TaskStatus.FAILED

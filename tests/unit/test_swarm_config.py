@@ -75,6 +75,7 @@ def _spec(tmp_path: Path, **conf: object) -> BoxSpec:
 def test_a_box_becomes_a_hardened_one_replica_service(tmp_path: Path) -> None:
     engine = SwarmEngine.__new__(SwarmEngine)  # the spec needs no manager connection
     engine.cluster = Cluster(engine="swarm", registry="reg:5000")
+    engine.pinned = lambda ref: ref  # type: ignore[method-assign]  # no registry to ask here
     body = engine.service_spec(_spec(tmp_path, cmd=["python3", "-c", "print(1)"]), "MARK")
     t = body["TaskTemplate"]
     c = t["ContainerSpec"]
@@ -99,5 +100,6 @@ def test_a_box_becomes_a_hardened_one_replica_service(tmp_path: Path) -> None:
 def test_a_script_box_runs_its_script_behind_the_wrapper(tmp_path: Path) -> None:
     engine = SwarmEngine.__new__(SwarmEngine)
     engine.cluster = Cluster(engine="swarm")
+    engine.pinned = lambda ref: ref  # type: ignore[method-assign]
     c = engine.service_spec(_spec(tmp_path, script="echo hi"), "M")["TaskTemplate"]["ContainerSpec"]
     assert c["Command"][-3:] == ["/bin/sh", "-c", "set -ex\necho hi"]
