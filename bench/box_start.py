@@ -170,12 +170,13 @@ def measure_tier(rep: Report, tier: str, args: argparse.Namespace, scratch: Path
                          f"{'met' if row.ratio is not None and row.ratio <= COLD_TARGET else 'NOT met'} "
                          f"({row.ratio:.2f}x). hotbox adds {1000 * (row.stats['p50'] - fl.stats['p50']):.0f} ms "
                          f"(p50) above the engine floor of {1000 * fl.stats['p50']:.0f} ms, which is "
-                         f"{fl.ratio:.2f}x docker run: the engine's create + attach + start (runc) is the rest.")
+                         f"{fl.ratio:.2f}x docker run: the engine's create + attach + start "
+                         f"(dockerd, containerd, {'runsc' if tier == 'gvisor' else 'runc'}) is the rest.")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5 if quick() else 15)
+    ap.add_argument("--runs", type=int, default=5 if quick() else 11)
     ap.add_argument("--image", default="hotbox/python")
     ap.add_argument("--size", default="small")
     args = ap.parse_args()
