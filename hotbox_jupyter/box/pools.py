@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import re
+import select
 import shlex
 import time
 import uuid
@@ -108,6 +109,16 @@ class WarmBox:
     container_id: str | None = None
     stream: AttachedStream | None = None
     made_at: float = field(default_factory=time.monotonic)
+
+    def waiting(self) -> bool:
+        """Whether the waiter still waits: its attach stream has nothing to read (no output, no end)."""
+        if self.stream is None:
+            return False
+        try:
+            readable, _, _ = select.select([self.stream.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     def job(self, argv: list[str], env: dict[str, str]) -> bytes:
         """The bytes that turn the waiter into ``argv`` with ``env`` (see the module docstring)."""
@@ -221,13 +232,18 @@ class WarmPools:
         if key is None:
             return None
         pool = self._pool(key, conf, limits)
-        self._spawn(self._fill, key)
-        if not pool.ready:
+        try:
+            while pool.ready:
+                box = pool.ready.pop(0)
+                del self._boxes[box.task_id]
+                if box.waiting():
+                    return box, argv
+                log.warning("warm pool %s: box %s ended while it waited; removing it", key.image, box.task_id)
+                self._spawn(self._destroy, box)
             return None
-        box = pool.ready.pop(0)
-        del self._boxes[box.task_id]
-        pool.notify()
-        return box, argv
+        finally:
+            pool.notify()
+            self._spawn(self._fill, key)
 
     def give_back(self, box: WarmBox) -> None:
         """A box taken but not used (its task was refused): ready again, at the front."""

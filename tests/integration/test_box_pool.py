@@ -233,3 +233,18 @@ def test_hotbox_config_pool_turns_warm_cells_on_for_the_magic(project: Path, she
     finally:
         shell.run_line_magic("hotbox", "config --pool off")
     assert box.pool()["enabled"] is False
+
+
+def test_a_warm_box_that_died_while_waiting_is_not_handed_out(project: Path, client: docker.DockerClient) -> None:
+    _pool_on(project)
+    conf = {"image": SHELL, "size": "nano", "cmd": ["echo", "fine"]}
+    box.warm(conf, wait=60)
+    (cid,) = _warm_containers(client)
+    client.api.kill(cid)
+    client.api.wait(cid, timeout=30)
+    result = run(conf)
+    assert result.ok and result.stdout == "fine\n", result
+    deadline = time.monotonic() + 30
+    while client.api.containers(all=True, filters={"id": cid}):
+        assert time.monotonic() < deadline, "the dead warm box was not removed"
+        time.sleep(0.1)
