@@ -202,9 +202,7 @@ class WarmPools:
     @staticmethod
     def key(conf: BoxConf, limits: Limits, argv: list[str]) -> PoolKey | None:
         """The pool of a box running ``argv``, or None if such a box cannot come from a pool."""
-        isolation = str(getattr(conf, "isolation", None) or "container")
-        if hasattr(isolation, "value"):
-            isolation = str(isolation.value)
+        isolation = str(getattr(conf.isolation, "value", conf.isolation))
         if isolation == "microvm":
             return None
         waiter = "python" if argv == PYTHON_CELL else "sh"
@@ -247,11 +245,11 @@ class WarmPools:
 
     def give_back(self, box: WarmBox) -> None:
         """A box taken but not used (its task was refused): ready again, at the front."""
+        self._boxes[box.task_id] = box  # so that close() finds it, even if it is closing now
         pool = self._pools.get(box.key)
         if pool is None or self._closing:
             self._spawn(self._destroy, box)
             return
-        self._boxes[box.task_id] = box
         pool.ready.insert(0, box)
         pool.notify()
 
