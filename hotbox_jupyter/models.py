@@ -356,6 +356,8 @@ class QuotaInfo(HotModel):
     concurrent_limit: int
     running: int
     network_allowed: bool
+    cus_running: float = Field(default=0.0, description="CUS the running tasks have accrued so far (billed, and "
+                                                        "counted in cus_used, when each ends)")
 
 
 class ImagePolicyInfo(HotModel):

@@ -183,8 +183,13 @@ class Ledger:
 
     def quota(self, project: str, plan: Plan) -> QuotaInfo:
         """The seed's ``quota()``: CUS and tasks used and remaining under ``plan``."""
+        now = time.time()
         with self._connect() as db:
             cus_used, tasks_used, running = self._usage(db, project)
+            # What the running tasks would cost if they ended now (never past their timeout).
+            (accruing,) = db.execute(
+                "SELECT COALESCE(SUM(MAX(0, MIN(? - admitted_at, timeout_s)) * multiplier), 0) FROM tasks "
+                "WHERE project=? AND ended_at IS NULL", (now, project)).fetchone()
         return QuotaInfo(
             plan=plan.name,
             cus_limit=plan.cus_limit,
@@ -196,6 +201,7 @@ class Ledger:
             concurrent_limit=plan.max_concurrent,
             running=running,
             network_allowed=plan.network,
+            cus_running=round(float(accruing), 6),
         )
 
     def row(self, task_id: str) -> LedgerRow | None:

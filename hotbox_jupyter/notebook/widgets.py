@@ -461,7 +461,8 @@ class QuotaWidget(_Live, _Fallbacks, w.VBox):  # type: ignore[misc]
         return {
             "plan": (f"plan {q.plan}: network {'allowed' if q.network_allowed else 'not allowed'}, {sizes}, "
                      f"at most {q.concurrent_limit} boxes at once"),
-            "cus": used(q.cus_used, q.cus_limit, q.cus_remaining, format_cus),
+            "cus": used(q.cus_used, q.cus_limit, q.cus_remaining, format_cus)
+            + (f"; ≈ {format_cus(q.cus_running)} accruing, billed when the running boxes end" if q.running else ""),
             "tasks": used(q.tasks_used, q.tasks_limit, q.tasks_remaining,
                           lambda n: f"{int(n)} task" + ("" if int(n) == 1 else "s")),
             "running": f"{q.running} of {q.concurrent_limit} running",

@@ -115,8 +115,9 @@ def test_quota_widget_is_live_and_warns_before_the_limit() -> None:
                                             "running: 0 of 4 running"]
     assert "network not allowed, all 8 sizes (nano to 4xlarge)" in view.text()
     assert view.cus_bar.bar_style == "info" and view.live and _live_threads("hotbox-live-test")
-    values.append(_quota(41.0, tasks_used=2, running=1))
+    values.append(_quota(41.0, tasks_used=2, running=1).model_copy(update={"cus_running": 0.123456}))
     assert _wait_for(lambda: view.quota.cus_used == 41.0)
+    assert "cus: 41 CUS of 50 CUS used, 9 CUS left; ≈ 0.123 CUS accruing" in view.text()
     assert view.levels()["cus"] == "warning" and view.cus_bar.bar_style == "warning"
     assert "hotbox-level-warning" in view.cus_label._dom_classes
     values.append(_quota(50.0, tasks_used=3))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,19 @@ def test_seconds_times_multiplier(ledger: Ledger) -> None:
     assert row.reason == "exited"
     q = ledger.quota("p", Plan(cus_limit=10, max_tasks=5))
     assert (q.cus_used, q.cus_remaining, q.tasks_used, q.tasks_remaining, q.running) == (7.0, 3.0, 1, 4, 0)
+
+
+def test_running_tasks_accrue_until_their_timeout(ledger: Ledger) -> None:
+    _admit(ledger, "t1", multiplier=4.0, timeout_s=0.05)
+    _admit(ledger, "t2", multiplier=0.5, timeout_s=60)
+    time.sleep(0.2)
+    q = ledger.quota("p", Plan())
+    # t1 stopped accruing at its timeout (0.05 s x 4); t2 goes on (>= 0.2 s x 0.5); neither is billed yet.
+    assert q.cus_used == 0 and q.running == 2
+    assert 0.2 + 0.1 <= q.cus_running < 0.2 + 0.5 * 30
+    ledger.settle("t1", 0.05, "timeout")
+    ledger.settle("t2", 0.2, "exited")
+    assert ledger.quota("p", Plan()).cus_running == 0
 
 
 def test_ledger_persists_and_is_scoped_by_project(tmp_path: Path, ledger: Ledger) -> None:
