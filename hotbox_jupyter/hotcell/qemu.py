@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -64,6 +65,7 @@ from .guestkernel import (
 )
 from .guestproto import new_nonce, run_conf
 from .initvm import InitBackend
+from .jail import SANDBOX, child_pid, jail_for
 from .vmstate import RunDir, close_quietly, pdeathsig_prefix, reap_orphans, stop_process
 
 __all__ = ["QemuBackend", "WarmLaunch", "find_qemu", "find_qemu_img", "kernel_cmdline", "kvm_probe", "kvm_status",
@@ -178,6 +180,8 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
         argv += ["-qmp", f"unix:{qmp_sock},server=on,wait=off"]
     if incoming:
         argv += ["-incoming", "defer"]
+    # Seccomp: no obsolete syscalls, no setuid/setgid, no fork/exec, no affinity/priority changes.
+    argv += ["-sandbox", SANDBOX]
     return argv
 
 
@@ -328,7 +332,8 @@ class _Vm:
         self.nonce = launch.nonce if launch is not None and launch.nonce else new_nonce()
         self.qmp_sock: Path | None = None
         self.rundir: RunDir | None = None
-        self.qemu: Process | None = None
+        self.qemu: Process | None = None   # what we started: QEMU, or the jail that runs it
+        self.vmm_pid: int | None = None     # the QEMU process itself
         self.helpers: list[Process] = []
         self.out: SocketStream | None = None
         self.agent_stream: SocketStream | None = None
@@ -435,13 +440,26 @@ class _Vm:
         qlog = open(d / "qemu.log", "wb")  # noqa: SIM115 - closed in close()
         self._log_files.append(qlog)
         env_q = {**os.environ, "TMPDIR": str(d)}  # snapshot=on puts its overlay in TMPDIR: ours is reaped
+        jail = jail_for(d)
+        if jail is not None:
+            ro = [kernel.vmlinux, self.handle.path, initrd, root]
+            argv = jail.wrap(argv, ro=[p for p in ro if not p.resolve().is_relative_to(d.resolve())], rw=[d],
+                             kvm=self.accel == "kvm")
+            await anyio.to_thread.run_sync(jail.give, d)
         self.started = time.monotonic()
         self.qemu = await anyio.open_process([*pdeathsig_prefix(), *argv], stdin=subprocess.DEVNULL,
                                              stdout=qlog, stderr=qlog, env=env_q, start_new_session=True)
-        self.rundir.add_proc(self.qemu.pid, "qemu")
+        self.rundir.add_proc(self.qemu.pid, "qemu" if jail is None else "qemu-jail")
         self.out = await self._accept(self._listeners[0], "hotbox.out")
         if self.agent:
             self.agent_stream = await self._accept(self._listeners[1], "hotbox.agent")
+        if jail is not None:
+            # QEMU itself is the jail's child (pid 1 of its pid namespace); it is up once it connected.
+            self.vmm_pid = child_pid(self.qemu.pid)
+            if self.vmm_pid is not None:
+                self.rundir.add_proc(self.vmm_pid, "qemu")
+        else:
+            self.vmm_pid = self.qemu.pid
 
     async def _start_virtiofsd(self, src: Path, sock: Path, read_only: bool, i: int) -> None:
         assert self.rundir is not None
@@ -517,7 +535,9 @@ class _Vm:
     async def close(self, *, graceful: bool = True) -> None:
         """Stop every process of the VM and remove its run directory. Never raises."""
         with anyio.CancelScope(shield=True):
-            await stop_process(self.qemu, grace=3 if graceful else 0)
+            # A jailed QEMU is killed itself; its jail process then reaps it and exits (so no zombie is left).
+            killed = not graceful and self._kill_vmm()
+            await stop_process(self.qemu, grace=3 if graceful or killed else 0)
             for proc in self.helpers:
                 await stop_process(proc, grace=2)  # virtiofsd exits when QEMU hangs up
             await close_quietly(self.out, self.agent_stream, *self._listeners)
@@ -527,7 +547,17 @@ class _Vm:
             if self.rundir is not None:
                 self.rundir.remove()
 
+    def _kill_vmm(self) -> bool:
+        """SIGKILL a jailed QEMU (not the jail process); True when one was signalled."""
+        if self.vmm_pid is not None and self.qemu is not None and self.vmm_pid != self.qemu.pid \
+                and self.qemu.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.vmm_pid, signal.SIGKILL)
+                return True
+        return False
+
     async def kill(self) -> None:
+        self._kill_vmm()
         if self.qemu is not None and self.qemu.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.qemu.kill()

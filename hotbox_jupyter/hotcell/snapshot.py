@@ -295,8 +295,8 @@ class WarmVm:
 
     @property
     def pid(self) -> int | None:
-        """The QEMU process id."""
-        return self._vm.qemu.pid if self._vm.qemu is not None else None
+        """The QEMU process id (inside its jail when confined)."""
+        return self._vm.vmm_pid
 
     def _chan(self) -> AgentChannel:
         if self._channel is None or self._stopped:
@@ -421,8 +421,10 @@ class WarmVm:
                     await qmp.execute("migrate", {"uri": "fd:snapshot"})
                     await qmp.wait_migration(120)
                     # After a completed migration the disk is flushed and released: copy it now.
-                    await anyio.to_thread.run_sync(shutil.copyfile, vm.rundir.path / "root.qcow2", tmp / "root.qcow2")
-                    await anyio.to_thread.run_sync(shutil.copyfile, vm.rundir.path / "initrd.cpio", tmp / "initrd.cpio")
+                    for name in ("root.qcow2", "initrd.cpio"):
+                        await anyio.to_thread.run_sync(shutil.copyfile, vm.rundir.path / name, tmp / name)
+                        # A confined QEMU (its own uid) opens these; the memory state goes to it as an fd.
+                        os.chmod(tmp / name, 0o644)
                 finally:
                     await qmp.execute("cont")
             finally:

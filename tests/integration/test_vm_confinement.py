@@ -1,0 +1,113 @@
+"""The VMM is confined (hotcell.jail): checked from the host, on real QEMU processes of real VMs."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import anyio
+import pytest
+from vm_support import drop_session_cache, run_dirs, vm_processes  # noqa: F401 - session-end cache cleanup
+
+from hotbox_jupyter.events import Exit, StdoutChunk
+from hotbox_jupyter.hotcell.backend import RootfsHandle
+from hotbox_jupyter.hotcell.config import VmConfig
+from hotbox_jupyter.hotcell.jail import confinement_reason
+from hotbox_jupyter.hotcell.qemu import QemuBackend
+from hotbox_jupyter.hotcell.snapshot import SnapshotStore, WarmVm, start_warm_vm
+from hotbox_jupyter.models import ExitReason
+
+pytestmark = [pytest.mark.vm, pytest.mark.docker, pytest.mark.slow,
+              pytest.mark.skipif(confinement_reason() is not None, reason=f"no confinement: {confinement_reason()}")]
+
+PROGRAM = ["python3", "-u", "-c", "import hotbox_warm\nhotbox_warm.wait_for_start()\n"
+           "for i in range(3):\n    hotbox_warm.send({'t': 'tick', 'i': i})\nhotbox_warm.receive()\n"]
+
+
+def status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def visible_files(pid: int) -> set[str]:
+    """Every regular file and socket QEMU can see outside /usr, /proc and /dev, as paths inside its root."""
+    root = Path(f"/proc/{pid}/root")
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = "/" + os.path.relpath(dirpath, root)
+        if rel.startswith(("/usr", "/proc", "/dev", "/./usr", "/./proc", "/./dev")):
+            dirnames[:] = []
+            continue
+        for f in filenames:
+            found.add(os.path.normpath(f"{rel}/{f}"))
+    return found
+
+
+def assert_confined(warm: WarmVm, other_run_dir: Path | None = None) -> None:
+    assert warm.pid is not None
+    st = status(warm.pid)
+    uid = int(st["Uid"].split()[0])
+    assert uid != 0 and st["Uid"].split() == [str(uid)] * 4, st["Uid"]
+    assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1" and st["CapEff"] == "0" * 16, st
+    assert st["NSpid"].split()[-1] == "1", "QEMU must be pid 1 of a pid namespace of its own"
+    assert sorted(os.listdir(f"/proc/{warm.pid}/root/proc"))[0] == "1"
+    assert [p for p in os.listdir(f"/proc/{warm.pid}/root/proc") if p.isdigit()] == ["1"], "it sees other pids"
+    own = str(warm._vm.rundir.path) if warm._vm.rundir else ""
+    files = visible_files(warm.pid)
+    assert {f for f in files if f.startswith("/etc")} == {"/etc/ld.so.cache"}
+    outside = {f for f in files if not f.startswith(("/etc", own))}
+    kernel_and_disk = {f for f in outside if f.endswith(("vmlinux", ".ext4", "root.qcow2", "initrd.cpio"))}
+    assert outside == kernel_and_disk, f"QEMU sees files that are not its VM's: {outside - kernel_and_disk}"
+    if other_run_dir is not None:
+        assert not any(f.startswith(str(other_run_dir)) for f in files), "a VM's QEMU sees another VM's files"
+    assert not Path(f"/proc/{warm.pid}/root/var").exists() and not Path(f"/proc/{warm.pid}/root/home").exists()
+
+
+def test_a_warm_vm_runs_confined_cold_and_restored(backend: QemuBackend, handle: RootfsHandle) -> None:
+    key = secrets.token_hex(4)
+    config = VmConfig(command=["true"], memory_mib=256)
+
+    async def go() -> None:
+        cold = await start_warm_vm(backend, config, handle, program=PROGRAM, guest_ports=[], key_extra=key)
+        try:
+            assert not cold.restored
+            assert_confined(cold)
+            a = await start_warm_vm(backend, config, handle, program=PROGRAM, guest_ports=[], key_extra=key)
+            try:
+                assert a.restored, "a confined QEMU must still restore a snapshot"
+                assert_confined(a, other_run_dir=cold._vm.rundir.path if cold._vm.rundir else None)
+                assert cold.pid and a.pid and status(cold.pid)["Uid"] != status(a.pid)["Uid"], "one uid per VM"
+                for w in (cold, a):
+                    await w.release({})
+                    assert [await w.receive() for _ in range(3)] == [{"t": "tick", "i": i} for i in range(3)]
+            finally:
+                await a.stop()
+        finally:
+            await cold.stop()
+            if cold.snapshot_key:
+                SnapshotStore(backend.cache / "snapshots").discard(cold.snapshot_key)
+        for w in (cold, a):
+            assert w.pid is not None and not Path(f"/proc/{w.pid}").exists()
+
+    anyio.run(go)
+    assert not vm_processes(os.getpid())
+    assert not run_dirs()
+
+
+def test_a_confined_session_boots_streams_and_stops(backend: QemuBackend, handle: RootfsHandle) -> None:
+    async def go() -> None:
+        session = await backend.start_session(VmConfig(command=["unused"]), handle)
+        async with session:
+            vm = session._vm  # type: ignore[attr-defined]
+            st = status(vm.vmm_pid)
+            assert st["Uid"].split()[0] != "0" and st["Seccomp"] == "2" and st["NoNewPrivs"] == "1"
+            events = [ev async for ev in session.exec("import time\nfor i in range(3):\n    print(i, flush=True)\n"
+                                                      "    time.sleep(0.2)\n")]
+            assert "".join(e.text for e in events if isinstance(e, StdoutChunk)) == "0\n1\n2\n"
+            assert next(e for e in events if isinstance(e, StdoutChunk)).text == "0\n", "output must stream"
+            assert isinstance(events[-1], Exit) and events[-1].reason is ExitReason.EXITED
+        assert not Path(f"/proc/{vm.vmm_pid}").exists()
+
+    anyio.run(go)
+    assert not vm_processes(os.getpid())
