@@ -124,3 +124,11 @@ def test_amounts() -> None:
         parse_amount("--max-output", "lots")
     with pytest.raises(ConfigError, match="at least"):
         parse_amount("--max-output", "10")
+
+
+def test_isolation_option_picks_the_tier() -> None:
+    assert request("").conf.isolation == "container"
+    assert request("--isolation gvisor").conf.isolation == "gvisor"
+    assert request("hotbox/python --isolation microvm --size nano").conf.isolation == "microvm"
+    with pytest.raises(ConfigError, match="isolation 'vm' is not a tier; allowed: 'container', 'gvisor', 'microvm'"):
+        request("--isolation vm")
