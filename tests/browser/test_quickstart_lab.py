@@ -215,8 +215,28 @@ class Lab:
         self.page.screenshot(path=str(SHOTS / f"{self.shot:02d}-{name}.png"), full_page=True)
 
 
-HOTCELL_NOTEBOOK = "hotcell_stream.ipynb"
-HOTCELL_CODE = "import time\nfor i in range(1, 6):\n    print(f'guest line {i}', flush=True)\n    time.sleep(0.4)"
+KERNEL_CELL = "import time\nfor i in range(1, 6):\n    print(f'guest line {i}', flush=True)\n    time.sleep(0.4)"
+
+
+def _kernels() -> dict[str, str]:
+    """The sandboxed kernels on this tree, by sandbox kind: ``vm`` (Hotcell Python), ``box`` (Hot Box Python)."""
+    from hotbox_jupyter import kernel
+
+    return dict(getattr(kernel, "KERNEL_NAMES", {"vm": kernel.KERNEL_NAME}))
+
+
+KERNELS = _kernels()
+
+
+def _install_kernel(name: str, prefix: Path) -> None:
+    """Install kernelspec ``name`` under ``prefix`` for this run only."""
+    from hotbox_jupyter.kernel.install import install
+
+    sandbox = next(kind for kind, n in KERNELS.items() if n == name)
+    if sandbox == "vm":
+        install(prefix=str(prefix))
+    else:
+        install(sandbox, prefix=str(prefix))  # type: ignore[call-arg]
 
 
 class Server:
@@ -248,16 +268,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         pytest.fail("Debian's chromium is not installed (scripts/setup.sh installs it with apt)")
     from playwright.sync_api import sync_playwright
 
-    from hotbox_jupyter.kernel import KERNEL_NAME
-    from hotbox_jupyter.kernel.install import install
-
     root = tmp_path_factory.mktemp("lab")
     shutil.copy(QUICKSTART, root / QUICKSTART.name)
     prefix = root / ".kernels"
-    install(prefix=str(prefix))
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(HOTCELL_CODE)], metadata={
-        "kernelspec": {"name": KERNEL_NAME, "display_name": "Hotcell Python", "language": "python"}})
-    nbformat.write(nb, root / HOTCELL_NOTEBOOK)
+    for name in KERNELS.values():
+        _install_kernel(name, prefix)
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(KERNEL_CELL)], metadata={
+            "kernelspec": {"name": name, "display_name": name, "language": "python"}})
+        nbformat.write(nb, root / f"{name}.ipynb")
     with jupyterlab(root, prefix / "share" / "jupyter") as (url, process), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
         srv = Server(url, process, browser)
@@ -378,24 +396,22 @@ def test_quickstart_in_jupyterlab(lab: Lab) -> None:
     assert "live: []" in shown, shown
 
 
-@pytest.mark.vm
-def test_hotcell_kernel_streams_in_jupyterlab(server: Server) -> None:
-    """A cell of the Hotcell Python kernel: its lines arrive while it runs, in order (the VM boots first)."""
-    lab = server.open(HOTCELL_NOTEBOOK, 1)
+@pytest.mark.parametrize("sandbox", [pytest.param("vm", marks=pytest.mark.vm), "box"])
+def test_kernel_cell_streams_in_jupyterlab(server: Server, sandbox: str) -> None:
+    """A cell of the Hotcell Python (vm) or Hot Box Python (box) kernel: its lines arrive while it runs,
+    in order (the sandbox starts first)."""
+    if sandbox not in KERNELS:
+        pytest.skip(f"no {sandbox!r} kernel on this tree: the Hot Box Python kernel (issue 7) has no kernelspec "
+                    "on main yet")
+    lab = server.open(f"{KERNELS[sandbox]}.ipynb", 1)
     try:
         lab.start(0)
         early = lab.wait(lambda: (lab.prompt(0) == "[*]:" and "guest line 2" in (t := lab.output(0))
                                   and "guest line 5" not in t and t), 180, "guest line 2 while the cell runs")
         assert "guest line 1" in early
-        lab.wait(lambda: re.fullmatch(r"\[\d+\]:", lab.prompt(0)), 60, "the Hotcell cell to finish")
+        lab.wait(lambda: re.fullmatch(r"\[\d+\]:", lab.prompt(0)), 60, "the kernel's cell to finish")
         assert re.findall(r"guest line \d", lab.output(0)) == [f"guest line {i}" for i in range(1, 6)]
-        lab.screenshot("hotcell")
+        lab.screenshot(f"kernel-{sandbox}")
         assert not lab.errors, lab.errors
     finally:
         lab.page.close()
-
-
-@pytest.mark.skip(reason="the Hot Box Python kernel (issue 7) has no kernelspec on main yet; when it lands, "
-                         "this runs the same streaming check as the Hotcell one")
-def test_hotbox_kernel_streams_in_jupyterlab(server: Server) -> None:
-    """A cell of the Hot Box Python kernel (to come): the same check as the Hotcell kernel's."""
