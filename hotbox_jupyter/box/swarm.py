@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 LOCAL_IMAGES = ("hotbox/python", "hotbox/node", "hotbox/shell")
 STOP_GRACE_S = 2
 POLL_S = 0.1
+MANAGER_GRACE_S = 30  # the manager may not answer this long before the boxes it runs are given up
 DIGEST_TTL_S = 60  # how long a tag's digest is trusted before asking the registry again
 NODE_POLL_S = 0.5
 # After the task ended without the wrapper's last line (it was killed), how long to wait for stragglers.
@@ -148,7 +149,6 @@ class _Box:
     oom: bool | None = None
     wrapper_exit: int | None = None
     ended: threading.Event = field(default_factory=threading.Event)
-    changed: threading.Condition = field(default_factory=threading.Condition)
 
 
 class LogStream(AttachedStream):
@@ -546,6 +546,7 @@ class SwarmEngine(Engine):
         """One thread follows every box of this engine: one task listing per round, nodes every half second."""
         down: set[str] = set()
         last_nodes = 0.0
+        failing_since: float | None = None
         while not self._stopped.is_set():
             with self._lock:
                 boxes = [b for b in self._boxes.values() if not b.ended.is_set()]
@@ -557,16 +558,41 @@ class SwarmEngine(Engine):
                 if time.monotonic() - last_nodes > NODE_POLL_S:
                     down = {n["ID"] for n in self.api.nodes() if (n.get("Status") or {}).get("State") == "down"}
                     last_nodes = time.monotonic()
+            except docker.errors.NotFound:  # a service was removed under us (by hand, by another process)
+                self._vanished(boxes)
+                time.sleep(POLL_S)
+                continue
             except Exception as exc:
+                now = time.monotonic()
+                failing_since = failing_since or now
                 log.debug("polling the swarm failed: %s", exc)
+                if now - failing_since > MANAGER_GRACE_S:
+                    for b in boxes:
+                        b.error = (f"lost contact with the swarm manager at {self.address} for {MANAGER_GRACE_S} s "
+                                   f"({exc}); the box may still run on its node until the manager is back")
+                        b.ended.set()
                 time.sleep(POLL_S * 5)
                 continue
+            failing_since = None
             by_service: dict[str, list[dict[str, Any]]] = {}
             for t in tasks:
                 by_service.setdefault(t.get("ServiceID", ""), []).append(t)
             for b in boxes:
                 self._update(b, by_service.get(b.service_id, []), down)
+            self._vanished([b for b in boxes if b.service_id not in by_service and not b.removed])
             time.sleep(POLL_S)
+
+    def _vanished(self, boxes: list[_Box]) -> None:
+        for b in boxes:
+            try:
+                self.api.inspect_service(b.service_id)
+            except docker.errors.NotFound:
+                if not b.removed:
+                    b.error = "the box's service was removed from the swarm by someone else"
+                b.removed = True
+                b.ended.set()
+            except Exception as exc:
+                log.debug("inspecting service %s failed: %s", b.service_id, exc)
 
     @staticmethod
     def _update(box: _Box, tasks: Iterable[dict[str, Any]], down: set[str]) -> None:

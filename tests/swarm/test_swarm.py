@@ -339,3 +339,16 @@ def test_other_isolation_tiers_are_refused_before_anything_starts(lab: SwarmLab,
             box.start({"image": SHELL, "cmd": ["true"], "isolation": tier})
         assert "runs only container boxes" in str(exc.value)
     assert box.quota().tasks_used == 0
+
+
+def test_a_service_removed_by_someone_else_ends_the_box(lab: SwarmLab, swarm_project: Path) -> None:
+    info = box.start({"image": SHELL, "size": "nano", "script": "echo up; sleep 100"})
+    deadline = time.monotonic() + 60
+    while "up" not in box.logs(info.id):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    svc = _service(lab, info.id)
+    assert svc is not None
+    lab.manager.docker("service", "rm", svc["ID"])
+    r = _wait(info.id, timeout=30)
+    assert r.reason is ExitReason.ERROR and "removed from the swarm by someone else" in r.message, r.message
