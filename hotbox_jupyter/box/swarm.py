@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 LOCAL_IMAGES = ("hotbox/python", "hotbox/node", "hotbox/shell")
 STOP_GRACE_S = 2
 POLL_S = 0.1
+# One environment variable may hold 128 KiB (MAX_ARG_STRLEN); base64 makes 4 bytes of 3.
+MAX_STDIN = 96 * 1024
 MANAGER_GRACE_S = 30  # the manager may not answer this long before the boxes it runs are given up
 DIGEST_TTL_S = 60  # how long a tag's digest is trusted before asking the registry again
 NODE_POLL_S = 0.5
@@ -414,6 +416,10 @@ class SwarmEngine(Engine):
         env = {**spec.extra_env, **conf.env, "HOTBOX_MARK": mark, "HOTBOX_NET": conf.network,
                "HOTBOX_PATH_PREFIX": f"{GUEST_RUNTIMES}/bin"}
         if spec.stdin_data is not None:
+            if len(spec.stdin_data) > MAX_STDIN:
+                raise ConfigError.invalid("stdin", f"{len(spec.stdin_data)} bytes", f"at most {MAX_STDIN} bytes on the "
+                                          "swarm engine (it travels in the task's environment); put bigger inputs "
+                                          "in hot:// storage")
             env["HOTBOX_STDIN_B64"] = base64.b64encode(spec.stdin_data).decode()
         labels = {**spec.labels, LABEL_STATE_DIR: str(spec.state_dir)}
         mem = lim.memory_mb * 1024 * 1024

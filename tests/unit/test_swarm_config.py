@@ -103,3 +103,12 @@ def test_a_script_box_runs_its_script_behind_the_wrapper(tmp_path: Path) -> None
     engine.pinned = lambda ref: ref  # type: ignore[method-assign]
     c = engine.service_spec(_spec(tmp_path, script="echo hi"), "M")["TaskTemplate"]["ContainerSpec"]
     assert c["Command"][-3:] == ["/bin/sh", "-c", "set -ex\necho hi"]
+
+
+def test_stdin_too_big_for_the_environment_is_refused(tmp_path: Path) -> None:
+    engine = SwarmEngine.__new__(SwarmEngine)
+    engine.cluster = Cluster(engine="swarm")
+    spec = _spec(tmp_path, cmd=["cat"])
+    spec.stdin_data = b"x" * (200 * 1024)
+    with pytest.raises(ConfigError, match="stdin"):
+        engine.service_spec(spec, "M")
