@@ -167,6 +167,8 @@ class ProjectStorage:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ProjectStorage:
+        if settings.cluster.engine == "swarm" and settings.cluster.storage is not None:
+            return SharedStorage(settings.storage_dir, settings.plan.storage_mb)
         return cls(settings.storage_dir, settings.plan.storage_mb)
 
     @property
@@ -343,6 +345,22 @@ class ProjectStorage:
                     f.write(data)
             finally:
                 os.close(fd)
+
+
+class SharedStorage(ProjectStorage):
+    """``hot://`` on the filesystem a swarm's nodes share with this machine (``[hot.cluster] storage``).
+
+    A plain directory: a loop disk mounted here would be seen by this machine only, while the boxes on
+    the nodes wrote to the directory underneath. The quota is the shared filesystem's (an export per
+    project with a quota, or project quotas on the server; docs/scale-out.md).
+    """
+
+    @property
+    def mounted(self) -> bool:
+        return self.root.is_dir()
+
+    def mount(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
 
 
 def _storage(settings: Settings | None) -> ProjectStorage:

@@ -208,7 +208,10 @@ def test_hot_storage_is_shared_by_every_node(lab: SwarmLab, swarm_project: Path)
     assert all(_wait(i.id).ok for i in infos)
     written = [lab.node_of_cgroup(read_text(f"hot://where/{i}")) for i in range(3)]
     assert all(written) and len({n.name for n in written if n}) >= 2, written
-    assert (lab.shared / box.settings().project.id / "where" / "0").is_file()
+    shared = lab.shared / box.settings().project.id
+    assert (shared / "where" / "0").is_file()
+    # A plain directory of the shared filesystem: a disk mounted here would be seen by this machine only.
+    assert not os.path.ismount(shared)
 
 
 def test_magic_runs_cells_on_the_swarm(lab: SwarmLab, swarm_project: Path) -> None:
