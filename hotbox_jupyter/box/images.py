@@ -31,6 +31,7 @@ import io
 import json
 import os
 import py_compile
+import shlex
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,8 @@ _PYTHON_HOOKS: tuple[str, ...] = (
     # read-only root would otherwise recompile the missing modules at every start.
     'chroot "$1" python3 -m compileall -q /usr/lib/python3.11 /usr/lib/python3/dist-packages',
 )
+# Where wheels from PyPI go in a Debian root: on Debian's sys.path, ahead of its own dist-packages.
+_WHEEL_TARGET = "/usr/local/lib/python3.11/dist-packages"
 
 _BASE_ENV: tuple[tuple[str, str], ...] = (
     ("PATH", f"{GUEST_RUNTIMES}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -142,6 +145,9 @@ class ImageRecipe:
     python: str | None = None
     """The image's Python version (``major.minor``), if it has one: runtimes get .pyc files for it."""
     workdir: str = "/data"
+    wheels: tuple[str, ...] = ()
+    """Requirements installed from PyPI wheels (binary only, for the image's Python) after the Debian
+    packages, for what Debian has too old: the kernel's ipykernel and ipywidgets, matched to the front end."""
 
     @property
     def repository(self) -> str:
@@ -156,7 +162,7 @@ class ImageRecipe:
     def recipe_hash(self) -> str:
         """Hash of everything that decides the Debian root: a change invalidates the cached tarball."""
         doc = {"builder": BUILDER_VERSION, "suite": SUITE, "packages": self.packages, "dpkg": _DPKG_OPTIONS,
-               "hooks": _COMMON_HOOKS + self.hooks}
+               "hooks": _COMMON_HOOKS + self.hooks, "wheels": self.wheels}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def changes(self, runtimes_digest: str) -> list[str]:
@@ -191,6 +197,9 @@ RECIPES: dict[str, ImageRecipe] = {
             env=(("PYTHONUNBUFFERED", "1"), ("MPLBACKEND", "Agg"), ("MPLCONFIGDIR", "/tmp/matplotlib")),
             hooks=_PYTHON_HOOKS,
             python="3.11",
+            # The guest side of the "Hot Box Python" / "Hotcell Python" kernels: a real ipykernel, and
+            # ipywidgets 8 so that widgets made in the sandbox render in JupyterLab 4 / Notebook 7.
+            wheels=("ipykernel==7.4.0", "ipywidgets==8.1.9"),
         ),
         ImageRecipe(
             name="node",
@@ -390,8 +399,23 @@ def _mmdebstrap_argv(r: ImageRecipe, target: Path) -> list[str]:
         # Without it apt installs the usrmerge package, which pulls perl (+46 MB) into every image.
         argv.append(f"--hook-dir={_MERGED_USR_HOOKS}")
     argv += [f"--dpkgopt={o}" for o in _DPKG_OPTIONS]
-    argv += [f"--customize-hook={h}" for h in _COMMON_HOOKS + r.hooks]
+    argv += [f"--customize-hook={h}" for h in _COMMON_HOOKS + _wheel_hooks(r) + r.hooks]
     return [*argv, SUITE, str(target), *_sources()]
+
+
+def _wheel_hooks(r: ImageRecipe) -> tuple[str, ...]:
+    """The host's pip installs the recipe's wheels into the root: the chroot has no pip and no network."""
+    if not r.wheels or r.python is None:
+        return ()
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir", "--disable-pip-version-check",
+           "--no-compile", "--only-binary=:all:", "--platform=manylinux2014_x86_64", "--implementation=cp",
+           f"--python-version={r.python}", "--upgrade"]
+    return (" ".join(shlex.quote(a) for a in pip) + f' --target="$1{_WHEEL_TARGET}" '
+            + " ".join(shlex.quote(w) for w in r.wheels)
+            + f' && rm -rf "$1{_WHEEL_TARGET}/bin"'
+            # mmdebstrap clamps the tarball's mtimes to its start, which would make timestamp-checked
+            # .pyc files stale (and recompiled at every start on a read-only root): these are never checked.
+            + f' && chroot "$1" python{r.python} -m compileall -q --invalidation-mode unchecked-hash {_WHEEL_TARGET}',)
 
 
 def _tar_end(path: Path) -> int:

@@ -1,74 +1,74 @@
-"""The Hotcell kernel's parts that need no VM: its kernelspec install, its settings, and the mapping of
-events to Jupyter messages."""
+"""The sandboxed kernels' parts that need no sandbox: kernelspec install (both kernels, variants), the
+kernel's options, and the relay's frame handling."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hotbox_jupyter.cli import main
 from hotbox_jupyter.errors import ConfigError
-from hotbox_jupyter.events import DisplayData, ErrorValue, Exit, ResultValue, StderrChunk, StdoutChunk
-from hotbox_jupyter.kernel.kernel import KernelSettings
-from hotbox_jupyter.kernel.messages import CellPublisher
-from hotbox_jupyter.models import BoxSize, ExitReason
+from hotbox_jupyter.kernel.__main__ import options_from
+from hotbox_jupyter.kernel.install import variant_name
+from hotbox_jupyter.kernel.relay import DELIM, _routing_id, _split
+from hotbox_jupyter.kernel.sandbox import KernelOptions
 
 
-def test_cli_installs_the_kernelspec_with_this_python_and_its_env(tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["kernel", "install", "--prefix", str(tmp_path), "--size", "Medium", "--image", "hotbox/py:2"]) == 0
-    spec = json.loads((tmp_path / "share/jupyter/kernels/hotcell-python/kernel.json").read_text())
-    assert spec["argv"][:3] == [sys.executable, "-m", "hotbox_jupyter.kernel"]
-    assert spec["display_name"] == "Hotcell Python" and spec["interrupt_mode"] == "message"
-    assert spec["env"] == {"HOTCELL_SIZE": "medium", "HOTCELL_IMAGE": "hotbox/py:2"}
-    assert "installed kernelspec hotcell-python" in capsys.readouterr().out
+def spec(prefix: Path, name: str) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads((prefix / f"share/jupyter/kernels/{name}/kernel.json").read_text())
+    return loaded
 
 
-def test_cli_rejects_a_bad_size_before_installing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_installs_both_kernels_with_this_python(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["kernel", "install", "--prefix", str(tmp_path)]) == 0
+    box, vm = spec(tmp_path, "hotbox-python"), spec(tmp_path, "hotcell-python")
+    assert box["argv"] == [sys.executable, "-m", "hotbox_jupyter.kernel", "--sandbox", "box", "-f",
+                           "{connection_file}"]
+    assert vm["argv"] == [sys.executable, "-m", "hotbox_jupyter.kernel", "--sandbox", "vm", "-f", "{connection_file}"]
+    assert (box["display_name"], vm["display_name"]) == ("Hot Box Python", "Hotcell Python")
+    assert box["interrupt_mode"] == vm["interrupt_mode"] == "message"
+    out = capsys.readouterr().out
+    assert "hotbox-python" in out and "hotcell-python" in out
+
+
+def test_cli_makes_named_variants(tmp_path: Path) -> None:
+    assert main(["kernel", "install", "--prefix", str(tmp_path), "--size", "Medium", "--network", "internet"]) == 0
+    vm = spec(tmp_path, "hotcell-python-medium-internet")
+    assert vm["display_name"] == "Hotcell Python (medium, internet)"
+    assert vm["argv"][-6:] == ["--size", "medium", "--network", "internet", "-f", "{connection_file}"]  # type: ignore[index]
+    assert main(["kernel", "install", "--prefix", str(tmp_path), "--only", "box", "--image", "team/py:3",
+                 "--name", "teampy"]) == 0
+    box = spec(tmp_path, "teampy")
+    assert "--image" in box["argv"] and "team/py:3" in box["argv"]  # type: ignore[operator]
+    assert variant_name("hotcell-python", image=None, size="large", network=None) == \
+        ("hotcell-python-large", " (large)")
+
+
+def test_cli_rejects_a_bad_option_before_installing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["kernel", "install", "--prefix", str(tmp_path), "--size", "huge"]) == 2
     assert "size" in capsys.readouterr().err
     assert not (tmp_path / "share").exists()
 
 
-def test_settings_from_env() -> None:
-    assert KernelSettings.from_env({}) == KernelSettings(image="hotbox/python", size=BoxSize.SMALL, backend=None)
-    s = KernelSettings.from_env({"HOTCELL_IMAGE": "img:1", "HOTCELL_SIZE": "large", "HOTCELL_BACKEND": "qemu"})
-    assert (s.image, s.size, s.backend) == ("img:1", BoxSize.LARGE, "qemu")
-    for env, field in (({"HOTCELL_SIZE": "x"}, "HOTCELL_SIZE"), ({"HOTCELL_BACKEND": "vbox"}, "HOTCELL_BACKEND"),
-                       ({"HOTCELL_IMAGE": "a b"}, "HOTCELL_IMAGE")):
+def test_options_from_argv_then_env() -> None:
+    args = argparse.Namespace(sandbox="vm", image=None, size=None, network=None)
+    assert options_from(args, {}) == KernelOptions("vm", "hotbox/python", "small", "none")
+    assert options_from(args, {"HOTCELL_SIZE": "large", "HOTBOX_KERNEL_IMAGE": "img:1"}) == \
+        KernelOptions("vm", "img:1", "large", "none")
+    args.size = "medium"
+    assert options_from(args, {"HOTBOX_KERNEL_SIZE": "large"}).size == "medium"
+    for bad, field in ((("pod", None, None, None), "--sandbox"), (("box", "a b", None, None), "image"),
+                       (("box", None, "x", None), "size"), (("box", None, None, "lan"), "network")):
         with pytest.raises(ConfigError, match=field):
-            KernelSettings.from_env(env)
+            KernelOptions.parse(*bad)
 
 
-def publish(events: list[Any], *, silent: bool = False) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
-    sent: list[tuple[str, dict[str, Any]]] = []
-    cell = CellPublisher(lambda t, c: sent.append((t, c)), 7, silent=silent)
-    for ev in events:
-        cell.feed(ev)
-    return sent, cell.reply()
-
-
-def test_events_become_messages() -> None:
-    sent, reply = publish([StdoutChunk("a\n"), StderrChunk("b\n"), StdoutChunk("c\n"),
-                           DisplayData({"text/html": "<b>x</b>"}), ResultValue(3, {}),
-                           Exit(ExitReason.EXITED, 0, "ok")])
-    assert [t for t, _ in sent] == ["stream", "stream", "stream", "display_data", "execute_result"]
-    assert sent[1][1] == {"name": "stderr", "text": "b\n"}
-    assert sent[4][1] == {"execution_count": 7, "data": {"text/plain": "3"}, "metadata": {}}
-    assert reply["status"] == "ok" and reply["execution_count"] == 7
-    assert publish([StdoutChunk("a")], silent=True)[0] == []
-
-
-def test_failures_become_error_replies() -> None:
-    sent, reply = publish([ErrorValue("ValueError", "bad", ["tb"]), Exit(ExitReason.EXITED, 1, "failed")])
-    assert [t for t, _ in sent] == ["error"] and reply["ename"] == "ValueError" and reply["traceback"] == ["tb"]
-    _, reply = publish([Exit(ExitReason.INTERRUPTED, 130, "interrupted")])
-    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
-    _, reply = publish([Exit(ExitReason.EXITED, 3, "cell failed (status 3)")])
-    assert reply["ename"] == "SystemExit" and "3" in reply["evalue"]
-    sent, reply = publish([Exit(ExitReason.ERROR, None, "the VM stopped")])
-    assert reply["ename"] == "HotcellError" and sent[0][1]["traceback"] == ["HotcellError: the VM stopped"]
+def test_relay_frame_helpers() -> None:
+    idents, rest = _split([b"client", DELIM, b"sig", b"{}", b"{}", b"{}", b"{}"])
+    assert idents == [b"client"] and rest[0] == b"sig"
+    assert _routing_id(b"client") == b"client"
+    assert _routing_id(b"\x00abc")[0] != 0  # libzmq refuses routing ids starting with a zero byte

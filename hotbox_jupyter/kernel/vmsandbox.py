@@ -1,0 +1,119 @@
+"""The Hotcell (microVM) sandbox of the "Hotcell Python" kernel.
+
+The guest kernel runs in a QEMU microVM started through :func:`hotbox_jupyter.hotcell.snapshot.
+start_warm_vm`: the first start of an (image, size) cold-boots the VM with IPython imported and the
+launcher waiting in ``hotbox_warm.wait_for_start()``, and saves it there; later starts restore that
+snapshot. Only then does the launcher get its payload (the session key and ports, fresh entropy, the
+wall clock), so no two kernels share a key or randomness.
+
+Transport: the guest kernel binds TCP ports in the guest; QEMU forwards each from a fresh port on
+127.0.0.1 (``-netdev user,restrict=on,hostfwd=…``), and the guest can reach nothing else unless the
+kernel was installed with ``--network internet``. QEMU runs with PR_SET_PDEATHSIG and an owner token,
+so a host kernel killed by SIGKILL takes its VM along, and the reaper of the next start finds any rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from ..errors import HotboxError
+from .sandbox import GUEST_LAUNCHER, GuestAddresses, KernelOptions, KernelSandbox, SandboxError
+
+__all__ = ["GUEST_PORTS", "VmSandbox"]
+
+log = logging.getLogger(__name__)
+
+GUEST_PORTS = {"shell": 5555, "iopub": 5556, "stdin": 5557, "control": 5558, "hb": 5559}
+READY_TIMEOUT_S = 180.0
+
+
+class VmSandbox(KernelSandbox):
+    """The guest kernel in a microVM (see the module docstring)."""
+
+    def __init__(self, options: KernelOptions) -> None:
+        self.options = options
+        self._warm: Any = None
+        self._accel = "?"
+        self._restored = False
+        self._start_s = 0.0
+
+    def describe(self) -> str:
+        o = self.options
+        how = "restored from its snapshot" if self._restored else "cold-booted"
+        return (f"Hotcell Python: a {o.size} QEMU microVM ({self._accel}) of {o.image}, network {o.network}, "
+                f"{how} in {self._start_s:.2f} s")
+
+    async def start(self, *, key: str, signature_scheme: str) -> GuestAddresses:
+        try:
+            return await self._start(key, signature_scheme)
+        except BaseException:
+            await asyncio.shield(self.kill())
+            raise
+
+    async def _start(self, key: str, signature_scheme: str) -> GuestAddresses:
+        import time
+
+        from ..hotcell.backend import ExecutorRegistry
+        from ..hotcell.config import VmConfig
+        from ..hotcell.rootfs import RootfsBuilder
+        from ..paths import GUEST_RUNTIMES
+
+        try:
+            from ..hotcell.snapshot import start_warm_vm
+        except ImportError as exc:  # pragma: no cover - the vm part ships it
+            raise SandboxError(f"this hotbox has no warm microVMs ({exc})") from exc
+        t0 = time.monotonic()
+        o = self.options
+        try:
+            backend = ExecutorRegistry.default().pick("qemu")
+            report = await RootfsBuilder.open_default().cached(o.image)
+            fields: dict[str, Any] = {"command": ["python3"]}
+            if o.network == "internet":
+                fields["tsi"] = "internet"
+            config = VmConfig.for_size(o.size, **fields)
+            handle = await backend.prepare_rootfs(report.rootfs, config)
+            program = ["python3", "-u", f"{GUEST_RUNTIMES}/{GUEST_LAUNCHER}", "--warm"]
+            self._warm = warm = await start_warm_vm(backend, config, handle, program=program,
+                                                    guest_ports=list(GUEST_PORTS.values()),
+                                                    key_extra="hotbox-kernel-1")
+            self._accel, self._restored = str(warm.accel), bool(warm.restored)
+            connection = {"transport": "tcp", "ip": "0.0.0.0", "key": key, "signature_scheme": signature_scheme,
+                          "kernel_name": "hotcell-python", **{f"{ch}_port": p for ch, p in GUEST_PORTS.items()}}
+            await warm.release({"connection": connection})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_ready(), READY_TIMEOUT_S)
+        except HotboxError as exc:
+            raise SandboxError(f"the microVM did not start: {exc}") from exc
+        self._start_s = time.monotonic() - t0
+        log.info("%s", self.describe())
+        return GuestAddresses(**{ch: f"tcp://127.0.0.1:{warm.host_ports[p]}" for ch, p in GUEST_PORTS.items()})
+
+    async def _wait_ready(self) -> None:
+        """Until the launcher says its kernel serves (it sends that on the agent channel)."""
+        while True:
+            msg = await self._warm.receive()
+            if msg.get("t") == "kernel-ready":
+                return
+
+    async def wait_dead(self) -> str:
+        while True:
+            warm = self._warm
+            if warm is None:
+                return "the microVM was stopped"
+            dead = warm.dead_reason()
+            if dead is not None:
+                return str(dead[1])
+            await asyncio.sleep(0.25)
+
+    async def stop(self) -> None:
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            await warm.stop()
+
+    async def kill(self) -> None:
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            await warm.kill()
