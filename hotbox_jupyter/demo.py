@@ -1,7 +1,8 @@
 """``python -m hotbox_jupyter.demo``: run the demo notebooks against a real kernel and show what they produced.
 
 Each notebook is executed with nbclient in a fresh kernel of the kind it names (``python3``, the one
-users have, or ``hotcell-python``, whose kernelspec is installed for the run when Jupyter has none), in
+users have, or ``hotbox-python`` / ``hotcell-python``, whose kernelspecs are installed for the run when
+Jupyter has none), in
 the notebook's own directory, exactly as "Run all" would; then every code cell is printed with a readable
 summary of its outputs. Next to that summary (``NAME.txt``) a rendered HTML copy of the executed
 notebook is written (``NAME.html``, by nbconvert) into ``--out-dir`` (default ``build/demo``). The
@@ -126,7 +127,8 @@ def run_notebook(path: Path, *, kernel: str | None, timeout: int, save: Path | N
     nb = read(path, as_version=4)
     kernel = kernel or nb.metadata.get("kernelspec", {}).get("name") or "python3"
     with contextlib.ExitStack() as stack:
-        km = stack.enter_context(_hotcell_kernel_manager()) if kernel == "hotcell-python" else None
+        sandboxed = kernel in ("hotcell-python", "hotbox-python")
+        km = stack.enter_context(_sandbox_kernel_manager(kernel)) if sandboxed else None
         client = NotebookClient(nb, timeout=timeout, kernel_name=kernel, km=km,
                                 resources={"metadata": {"path": str(path.parent)}})
         print(f"== {path} (kernel {kernel})")
@@ -150,27 +152,29 @@ def run_notebook(path: Path, *, kernel: str | None, timeout: int, save: Path | N
 
 
 @contextlib.contextmanager
-def _hotcell_kernel_manager() -> Iterator[Any]:
-    """A KernelManager for the Hotcell Python kernel: the installed kernelspec when Jupyter finds one,
-    else the shipped one installed into a temporary directory for this run (nothing left behind)."""
+def _sandbox_kernel_manager(name: str) -> Iterator[Any]:
+    """A KernelManager for a sandboxed kernel (``hotbox-python``, ``hotcell-python``): the installed
+    kernelspec when Jupyter finds one, else the shipped one installed into a temporary directory for
+    this run (nothing left behind)."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
 
-    from .kernel import KERNEL_NAME
+    from .kernel import KERNEL_NAMES
     from .kernel.install import install, is_installed
 
-    with tempfile.TemporaryDirectory(prefix="hotcell-demo-") as tmp:
-        if is_installed():
-            km = KernelManager(kernel_name=KERNEL_NAME)
+    sandbox = {v: k for k, v in KERNEL_NAMES.items()}[name]
+    with tempfile.TemporaryDirectory(prefix="hotbox-demo-") as tmp:
+        if is_installed(name):
+            km = KernelManager(kernel_name=name)
         else:
             ksm = KernelSpecManager(kernel_dirs=[str(Path(tmp) / "share" / "jupyter" / "kernels")])
-            install(prefix=tmp, ksm=ksm)
-            print(f"   (kernelspec {KERNEL_NAME} installed for this run only; `hotbox kernel install --user` keeps it)")
-            km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm)
+            install(sandbox, prefix=tmp, ksm=ksm)
+            print(f"   (kernelspec {name} installed for this run only; `hotbox kernel install --user` keeps it)")
+            km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
         try:
             yield km
         finally:
-            # nbclient leaves a kernel it was given running: a shutdown request stops its microVM.
+            # nbclient leaves a kernel it was given running: a shutdown request stops its sandbox.
             if km.has_kernel:
                 km.shutdown_kernel(now=False)
 

@@ -199,7 +199,8 @@ RECIPES: dict[str, ImageRecipe] = {
             python="3.11",
             # The guest side of the "Hot Box Python" / "Hotcell Python" kernels: a real ipykernel, and
             # ipywidgets 8 so that widgets made in the sandbox render in JupyterLab 4 / Notebook 7.
-            wheels=("ipykernel==7.4.0", "ipywidgets==8.1.9"),
+            # matplotlib-inline 0.1.7: 0.2 needs matplotlib 3.7, Debian has 3.6.
+            wheels=("ipykernel==7.4.0", "ipywidgets==8.1.9", "matplotlib-inline==0.1.7"),
         ),
         ImageRecipe(
             name="node",

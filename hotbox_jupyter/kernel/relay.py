@@ -102,6 +102,7 @@ class KernelRelay:
         self._last_death: str | None = None
         self._done = asyncio.Event()
         self._escalation: asyncio.Task[None] | None = None
+        self._escalation_target: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- life ----------------------------------------------------------------------------------------
@@ -306,9 +307,14 @@ class KernelRelay:
 
     def _arm_escalation(self, guest: _Guest) -> None:
         running = [p for p in self.pending.values() if p.header.get("msg_type") == "execute_request"]
-        if not running or (self._escalation is not None and not self._escalation.done()):
+        if not running:
             return
         target = running[0].header.get("msg_id")
+        if self._escalation is not None and not self._escalation.done():
+            if self._escalation_target == target:
+                return  # a second interrupt of the same cell does not restart the clock
+            self._escalation.cancel()
+        self._escalation_target = target
         self._escalation = asyncio.ensure_future(self._escalate(guest, target))
 
     async def _escalate(self, guest: _Guest, msg_id: Any) -> None:
@@ -320,7 +326,7 @@ class KernelRelay:
                                       "so its sandbox was stopped")
 
     async def _shutdown(self, idents: list[bytes], header: dict[str, Any], frames: list[bytes]) -> None:
-        guest = self.guest
+        guest, self.guest = self.guest, None  # from here on its exit is a shutdown, not a death
         content: dict[str, Any] = {"status": "ok", "restart": False}
         with contextlib.suppress(json.JSONDecodeError, IndexError):
             content["restart"] = bool(json.loads(_split(frames)[1][4]).get("restart", False))
@@ -330,6 +336,9 @@ class KernelRelay:
             await dealer.send_multipart(frames[1:], copy=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(guest.sandbox.wait_dead(), SHUTDOWN_GRACE_S)
+            await self._close_guest_sockets(guest)
+            with contextlib.suppress(Exception):
+                await guest.sandbox.stop()
         else:
             await self._reply(_Pending(idents, header), "shutdown_reply", content, channel="control")
         await self._stop_guest(graceful=True)

@@ -110,6 +110,7 @@ class KernelSandbox(abc.ABC):
     def prestart(self, *, key: str, signature_scheme: str) -> None:
         """Begin starting at once, in a thread, while the host kernel is still importing; :meth:`start`
         then finishes it. Called at most once, before :meth:`start`; optional (default: nothing)."""
+        return None
 
     @abc.abstractmethod
     async def wait_dead(self) -> str:
@@ -229,7 +230,8 @@ class BoxSandbox(KernelSandbox):
         _reap_containers(engine)
         o = self.options
         conf = BoxConf(image=o.image, size=o.size, network=o.network,  # type: ignore[arg-type]
-                       entrypoint=[""], cmd=["python3", "-u", f"{GUEST_RUNTIMES}/{GUEST_LAUNCHER}", "--stdin"])
+                       entrypoint=[""], cmd=["python3", "-u", f"{GUEST_RUNTIMES}/{GUEST_LAUNCHER}", "--stdin",
+                                                     f"{GUEST_IPC_DIR}/k"])
         limits = conf.limits()
         self._memory_mb = limits.memory_mb
         image_env = engine.image_env(o.image)
@@ -266,18 +268,16 @@ class BoxSandbox(KernelSandbox):
             self._cid = cid = str(engine.api.create_container(**kwargs)["Id"])
         self._stream = stream = engine.attach(cid, stdin=True)
         engine.start(cid)
-        connection = {"transport": "ipc", "ip": f"{GUEST_IPC_DIR}/k", "key": key,
-                      "signature_scheme": signature_scheme, "kernel_name": "hotbox-python",
-                      **{f"{ch}_port": port for ch, port in _IPC_PORTS.items()}}
         try:
-            stream.sock.sendall(json.dumps({"connection": connection}).encode() + b"\n")
+            stream.sock.sendall(json.dumps({"key": key, "signature_scheme": signature_scheme}).encode() + b"\n")
         except OSError as exc:
             raise SandboxError(f"the kernel's container did not take its start payload: {exc}") from exc
         threading.Thread(target=self._pump, name="hotbox-kernel-pump", daemon=True).start()
         if not self._ready.wait(READY_TIMEOUT_S) or not self._is_ready:
-            raise SandboxError(self._death_reason() if self._exited else
-                               f"the kernel in the container was not ready within {READY_TIMEOUT_S:g} s; "
-                               f"its last output: {' / '.join(self._tail[-5:]) or 'none'}")
+            why = (self._death_reason() if self._exited else
+                   f"it was not ready within {READY_TIMEOUT_S:g} s; its last output: "
+                   f"{' / '.join(self._tail[-5:]) or 'none'}")
+            raise SandboxError(f"the image {o.image} did not start a Python kernel: {why}")
         with _translated("setting the kernel container's CPU share"):
             engine.api.update_container(cid, cpu_quota=max(1000, int(limits.cpu * _CPU_PERIOD)))
         return GuestAddresses(**{ch: f"ipc://{ipc}/k-{port}" for ch, port in _IPC_PORTS.items()})

@@ -10,6 +10,9 @@ Transport: the guest kernel binds TCP ports in the guest; QEMU forwards each fro
 127.0.0.1 (``-netdev user,restrict=on,hostfwd=…``), and the guest can reach nothing else unless the
 kernel was installed with ``--network internet``. QEMU runs with PR_SET_PDEATHSIG and an owner token,
 so a host kernel killed by SIGKILL takes its VM along, and the reaper of the next start finds any rest.
+
+``HOTBOX_KERNEL_SNAPSHOT_EXTRA`` (environment) is added to the snapshot's cache key: a new value means a
+cold boot (the benchmark uses it to measure one).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any
 
 from ..errors import HotboxError
@@ -75,20 +79,23 @@ class VmSandbox(KernelSandbox):
                 fields["tsi"] = "internet"
             config = VmConfig.for_size(o.size, **fields)
             handle = await backend.prepare_rootfs(report.rootfs, config)
-            program = ["python3", "-u", f"{GUEST_RUNTIMES}/{GUEST_LAUNCHER}", "--warm"]
+            t_rootfs = time.monotonic()
+            program = ["python3", "-u", f"{GUEST_RUNTIMES}/{GUEST_LAUNCHER}", "--warm", str(GUEST_PORTS["shell"])]
             self._warm = warm = await start_warm_vm(backend, config, handle, program=program,
                                                     guest_ports=list(GUEST_PORTS.values()),
-                                                    key_extra="hotbox-kernel-1")
+                                                    key_extra="hotbox-kernel-1"
+                                                    + os.environ.get("HOTBOX_KERNEL_SNAPSHOT_EXTRA", ""))
             self._accel, self._restored = str(warm.accel), bool(warm.restored)
-            connection = {"transport": "tcp", "ip": "0.0.0.0", "key": key, "signature_scheme": signature_scheme,
-                          "kernel_name": "hotcell-python", **{f"{ch}_port": p for ch, p in GUEST_PORTS.items()}}
-            await warm.release({"connection": connection})
+            t_vm = time.monotonic()
+            await warm.release({"key": key, "signature_scheme": signature_scheme})
+            t_release = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wait_ready(), READY_TIMEOUT_S)
         except HotboxError as exc:
             raise SandboxError(f"the microVM did not start: {exc}") from exc
         self._start_s = time.monotonic() - t0
-        log.info("%s", self.describe())
+        log.info("%s (rootfs %.2f s, VM %.2f s, release %.2f s, kernel ready %.2f s)", self.describe(),
+                 t_rootfs - t0, t_vm - t_rootfs, t_release - t_vm, t0 + self._start_s - t_release)
         return GuestAddresses(**{ch: f"tcp://127.0.0.1:{warm.host_ports[p]}" for ch, p in GUEST_PORTS.items()})
 
     async def _wait_ready(self) -> None:

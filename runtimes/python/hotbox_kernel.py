@@ -2,16 +2,18 @@
 
 Runs inside the sandbox with the image's interpreter; needs nothing but the standard library and
 ipykernel. It imports IPython and ipykernel first (the slow part), then waits for its start payload,
-then runs ``IPKernelApp`` in this process with the connection the payload gives (transport, address,
-ports and the session key of the host kernel's connection file, so signatures pass the relay unchanged).
+then runs ``IPKernelApp`` in this process with the session key of the host kernel's connection file (so
+signatures pass the relay unchanged).
 
-    python3 hotbox_kernel.py --stdin    payload = one JSON line on stdin; stdin then stays open, and its
-                                        end means the host kernel is gone, so this process exits (a
-                                        container's stand-in for PR_SET_PDEATHSIG)
-    python3 hotbox_kernel.py --warm     payload from ``hotbox_warm.wait_for_start()`` (a microVM; the
-                                        waiting point is what a snapshot captures)
+    python3 hotbox_kernel.py --stdin PREFIX   sockets ipc://PREFIX-1..5; payload = one JSON line on stdin,
+                                              which then stays open: its end means the host kernel is
+                                              gone, so this process exits (a container's PR_SET_PDEATHSIG)
+    python3 hotbox_kernel.py --warm PORT      sockets tcp://0.0.0.0:PORT..PORT+4; payload from
+                                              ``hotbox_warm.wait_for_start()`` (a microVM: the snapshot point)
 
-Payload: ``{"connection": {...connection-file fields...}, "env": {...}}``.
+The kernel is initialised (shell, history, sockets bound) BEFORE the payload is read, with a throw-away
+key; the payload ``{"key": ..., "signature_scheme": ..., "env": {...}}`` then sets the real key.
+Order of sockets: shell, iopub, stdin, control, hb.
 If ipykernel cannot be imported, it prints ``HOTBOX-NO-IPYKERNEL: <why>`` and exits with status 3; once
 the kernel has bound its sockets and is about to serve, it prints ``HOTBOX-KERNEL-READY`` on stdout.
 """
@@ -23,6 +25,7 @@ import os
 import sys
 import tempfile
 import threading
+import uuid
 
 # The kernel's files (history sqlite, IPython profile, runtime dir) go to the writable tmpfs: the root
 # is read-only and UID 65534 has no home. Sockets and files made from here on are for the owner only.
@@ -40,8 +43,6 @@ if os.environ.get("HOTBOX_KERNEL_DEBUGGER") != "1":
 
 try:
     import IPython  # noqa: F401
-    import ipykernel.ipkernel  # noqa: F401  (the shell, the comm manager, the debugger: what a start would import)
-    import ipykernel.zmqshell  # noqa: F401
     from ipykernel.kernelapp import IPKernelApp
 except ImportError as _exc:
     print(f"HOTBOX-NO-IPYKERNEL: {_exc}", flush=True)
@@ -80,29 +81,48 @@ def _read_payload(mode: str) -> dict[str, object]:
     raise SystemExit(f"usage: {sys.argv[0]} --stdin | --warm")
 
 
-def main() -> None:
-    mode = sys.argv[1] if len(sys.argv) > 1 else ""
-    payload = _read_payload(mode)
-    warm_channel = None
-    if mode == "--warm":
-        import hotbox_warm
+def _connection(mode: str, where: str) -> dict[str, object]:
+    """The guest kernel's sockets; the key is a placeholder until the payload brings the real one."""
+    names = ("shell", "iopub", "stdin", "control", "hb")
+    conn: dict[str, object] = {"key": uuid.uuid4().hex, "signature_scheme": "hmac-sha256"}
+    if mode == "--stdin":  # ipc://PREFIX-1 ... PREFIX-5
+        conn.update(transport="ipc", ip=where, **{f"{n}_port": i + 1 for i, n in enumerate(names)})
+    else:  # tcp, ports FIRST ... FIRST+4 on every guest address (the host forwards them from loopback)
+        conn.update(transport="tcp", ip="0.0.0.0", **{f"{n}_port": int(where) + i for i, n in enumerate(names)})
+    return conn
 
-        warm_channel = hotbox_warm
-    env = payload.get("env") or {}
-    assert isinstance(env, dict)
-    os.environ.update({str(k): str(v) for k, v in env.items()})
+
+def main() -> None:
+    if len(sys.argv) != 3 or sys.argv[1] not in ("--stdin", "--warm"):
+        raise SystemExit(f"usage: {sys.argv[0]} --stdin IPC_PREFIX | --warm FIRST_TCP_PORT")
+    mode, where = sys.argv[1], sys.argv[2]
     path = os.path.join(_TMP, "hotbox-kernel.json")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(payload["connection"], f)
+        json.dump(_connection(mode, where), f)
     # ipykernel takes over fds 1 and 2 once initialised; the host learns "ready" on a copy of the first.
     ready = os.dup(1)
     app = IPKernelApp.instance()
-    app.initialize(["-f", path, "--IPKernelApp.quiet=True"])
+    # Jedi's first completion costs seconds of CPU (tens under TCG or a small box's quarter CPU), and
+    # blocks the shell meanwhile; IPython's own completer still completes every name, attribute and key.
+    app.initialize(["-f", path, "--IPKernelApp.quiet=True", "--IPCompleter.use_jedi=False"])
+    if mode == "--warm":  # one cell through IPython's machinery, so its lazy imports are in the snapshot
+        app.shell.run_cell("pass", store_history=False, silent=True)
+    # Everything slow is done (shell, history, sockets bound): a microVM is snapshotted here. The real
+    # key comes only now, so no two kernels restored from one snapshot share it, nor the session id.
+    payload = _read_payload(mode)
+    env = payload.get("env") or {}
+    assert isinstance(env, dict)
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    app.session.signature_scheme = str(payload.get("signature_scheme", "hmac-sha256"))
+    app.session.key = str(payload["key"]).encode()
+    app.session.session = str(uuid.uuid4())
     os.write(ready, READY)
     os.close(ready)
-    if warm_channel is not None:
-        warm_channel.send({"t": "kernel-ready"})
+    if mode == "--warm":
+        import hotbox_warm
+
+        hotbox_warm.send({"t": "kernel-ready"})
     app.start()
 
 

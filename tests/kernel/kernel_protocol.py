@@ -10,11 +10,33 @@ from collections.abc import Iterator
 from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
+
+_SPECS: dict[str, str] = {}
+
+
+def kernelspecs() -> KernelSpecManager:
+    """hotbox-python and hotcell-python as ``hotbox kernel install --prefix`` writes them, plus the stock
+    python3, in a directory of the test run's own (made once per run)."""
+    if "dir" not in _SPECS:
+        import tempfile
+
+        from ipykernel.kernelspec import write_kernel_spec
+
+        from hotbox_jupyter.kernel.install import install
+
+        prefix = tempfile.mkdtemp(prefix="hotbox-kernelspecs-")
+        ksm = KernelSpecManager(kernel_dirs=[f"{prefix}/share/jupyter/kernels"])
+        install("box", prefix=prefix, ksm=ksm)
+        install("vm", prefix=prefix, ksm=ksm)
+        write_kernel_spec(f"{prefix}/share/jupyter/kernels/python3")
+        _SPECS["dir"] = f"{prefix}/share/jupyter/kernels"
+    return KernelSpecManager(kernel_dirs=[_SPECS["dir"]])
 
 
 @contextlib.contextmanager
-def running_kernel(km: KernelManager) -> Iterator[tuple[BlockingKernelClient, int]]:
+def running_kernel(km: KernelManager, *, ready_timeout: float = 60) -> Iterator[tuple[BlockingKernelClient, int]]:
     """Start ``km``'s kernel, yield (ready client, kernel pid); stop channels and kernel afterwards.
 
     The pid is what the kernel's own sandboxes are labelled with, for the caller's leak checks.
@@ -24,12 +46,14 @@ def running_kernel(km: KernelManager) -> Iterator[tuple[BlockingKernelClient, in
     kc.start_channels()
     pid = km.provisioner.process.pid  # type: ignore[union-attr]
     try:
-        kc.wait_for_ready(timeout=60)
+        kc.wait_for_ready(timeout=ready_timeout)
         yield kc, pid
     finally:
         kc.stop_channels()
         if km.is_alive():
             km.shutdown_kernel(now=False)
+        else:  # it died: its context would otherwise be collected unclosed (a ResourceWarning)
+            km.cleanup_resources()
 
 
 def execute(kc: BlockingKernelClient, code: str, *, timeout: float = 150,

@@ -9,36 +9,14 @@ from __future__ import annotations
 import os
 import sys
 import unittest
-from pathlib import Path
 from typing import Any, ClassVar
 
 import jupyter_kernel_test
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
-
-from hotbox_jupyter.kernel.install import install
+from kernel_protocol import kernelspecs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
-
-_PREFIX: Path | None = None
-
-
-def kernelspecs() -> KernelSpecManager:
-    """Both kernelspecs as ``hotbox kernel install --prefix`` writes them, plus the stock python3."""
-    global _PREFIX
-    if _PREFIX is None:
-        import tempfile
-
-        _PREFIX = Path(tempfile.mkdtemp(prefix="hotbox-kernelspecs-"))
-        ksm = KernelSpecManager(kernel_dirs=[str(_PREFIX / "share/jupyter/kernels")])
-        install("box", prefix=str(_PREFIX), ksm=ksm)
-        install("vm", prefix=str(_PREFIX), ksm=ksm)
-        from ipykernel.kernelspec import write_kernel_spec
-
-        write_kernel_spec(str(_PREFIX / "share/jupyter/kernels/python3"))
-    return KernelSpecManager(kernel_dirs=[str(_PREFIX / "share/jupyter/kernels")])
-
 
 class Samples(jupyter_kernel_test.KernelTests):
     """The samples the stock ipykernel passes; every kernel below gets exactly these."""
