@@ -100,6 +100,7 @@ class KernelRelay:
         self.guest: _Guest | None = None
         self._starting: asyncio.Task[_Guest] | None = None
         self._last_death: str | None = None
+        self._start_error: Exception | None = None
         self._done = asyncio.Event()
         self._escalation: asyncio.Task[None] | None = None
         self._escalation_target: Any = None
@@ -179,19 +180,25 @@ class KernelRelay:
         log.info("sandbox ready: %s", sandbox.describe())
         return guest
 
-    async def _ensure_guest(self) -> _Guest:
-        """The running sandbox, waiting for one being started, or starting a fresh one."""
+    async def _ensure_guest(self, *, retry: bool) -> _Guest:
+        """The running sandbox, waiting for one being started, or starting a fresh one. After a failed
+        start only ``retry`` (a cell) tries again; other requests get the same error at once."""
         if self.guest is not None:
             return self.guest
+        if self._start_error is not None and not retry:
+            raise self._start_error
         if self._starting is None:
             self._starting = asyncio.ensure_future(self._start_guest())
         try:
-            return await asyncio.shield(self._starting)
+            guest = await asyncio.shield(self._starting)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             self._starting = None
+            self._start_error = exc
             raise
+        self._start_error = None
+        return guest
 
     async def _watch(self, guest: _Guest) -> None:
         reason = await guest.sandbox.wait_dead()
@@ -273,10 +280,10 @@ class KernelRelay:
         if channel == "control" and msg_type == "shutdown_request":
             await self._shutdown(idents, header, frames)
             return
-        if channel == "shell":
+        if channel == "shell" and msg_type.endswith("_request"):  # comm messages get no reply
             self.pending[header.get("msg_id", "")] = _Pending(idents, header)
         try:
-            guest = await self._ensure_guest()
+            guest = await self._ensure_guest(retry=msg_type == "execute_request")
         except Exception as exc:
             await self._no_guest(channel, idents, header, exc)
             return
@@ -297,9 +304,13 @@ class KernelRelay:
         self._starting = None
         p = self.pending.pop(header.get("msg_id", ""), None) or _Pending(idents, header)
         msg_type = header.get("msg_type", "")
-        if msg_type == "kernel_info_request":
+        if not msg_type.endswith("_request"):
+            return  # comm messages: nobody waits for an answer
+        if msg_type == "kernel_info_request":  # with busy/idle: clients check that iopub works too
+            await self._publish("status", {"execution_state": "busy"}, header)
             await self._reply(p, "kernel_info_reply", self._local_kernel_info(f"the sandbox did not start: {why}"),
                               channel=channel)
+            await self._publish("status", {"execution_state": "idle"}, header)
         elif msg_type == "interrupt_request":
             await self._reply(p, "interrupt_reply", {"status": "ok"}, channel=channel)
         else:

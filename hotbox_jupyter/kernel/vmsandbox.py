@@ -18,9 +18,11 @@ cold boot (the benchmark uses it to measure one).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
+import threading
 from typing import Any
 
 from ..errors import HotboxError
@@ -43,6 +45,7 @@ class VmSandbox(KernelSandbox):
         self._accel = "?"
         self._restored = False
         self._start_s = 0.0
+        self._prepared: concurrent.futures.Future[tuple[Any, Any, Any]] | None = None
 
     def describe(self) -> str:
         o = self.options
@@ -57,12 +60,39 @@ class VmSandbox(KernelSandbox):
             await asyncio.shield(self.kill())
             raise
 
-    async def _start(self, key: str, signature_scheme: str) -> GuestAddresses:
-        import time
+    def prestart(self, *, key: str, signature_scheme: str) -> None:
+        """Find the backend and the image's root filesystem in a thread (image look-up, hashes) while the
+        host kernel imports; :meth:`start` boots or restores the VM with them."""
+        fut: concurrent.futures.Future[tuple[Any, Any, Any]] = concurrent.futures.Future()
+        self._prepared = fut
 
+        def run() -> None:
+            try:
+                fut.set_result(asyncio.run(self._prepare()))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name="hotbox-kernel-prestart", daemon=True).start()
+
+    async def _prepare(self) -> tuple[Any, Any, Any]:
+        """(backend, VmConfig, RootfsHandle) of this kernel's options."""
         from ..hotcell.backend import ExecutorRegistry
         from ..hotcell.config import VmConfig
         from ..hotcell.rootfs import RootfsBuilder
+
+        o = self.options
+        backend = ExecutorRegistry.default().pick("qemu")
+        report = await RootfsBuilder.open_default().cached(o.image)
+        fields: dict[str, Any] = {"command": ["python3"]}
+        if o.network == "internet":
+            fields["tsi"] = "internet"
+        config = VmConfig.for_size(o.size, **fields)
+        handle = await backend.prepare_rootfs(report.rootfs, config)
+        return backend, config, handle
+
+    async def _start(self, key: str, signature_scheme: str) -> GuestAddresses:
+        import time
+
         from ..paths import GUEST_RUNTIMES
 
         try:
@@ -70,15 +100,11 @@ class VmSandbox(KernelSandbox):
         except ImportError as exc:  # pragma: no cover - the vm part ships it
             raise SandboxError(f"this hotbox has no warm microVMs ({exc})") from exc
         t0 = time.monotonic()
-        o = self.options
         try:
-            backend = ExecutorRegistry.default().pick("qemu")
-            report = await RootfsBuilder.open_default().cached(o.image)
-            fields: dict[str, Any] = {"command": ["python3"]}
-            if o.network == "internet":
-                fields["tsi"] = "internet"
-            config = VmConfig.for_size(o.size, **fields)
-            handle = await backend.prepare_rootfs(report.rootfs, config)
+            if self._prepared is not None:
+                backend, config, handle = await asyncio.wrap_future(self._prepared)
+            else:
+                backend, config, handle = await self._prepare()
             t_rootfs = time.monotonic()
             program = ["python3", "-u", f"{GUEST_RUNTIMES}/{GUEST_LAUNCHER}", "--warm", str(GUEST_PORTS["shell"])]
             self._warm = warm = await start_warm_vm(backend, config, handle, program=program,
