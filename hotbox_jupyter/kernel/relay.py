@@ -101,6 +101,7 @@ class KernelRelay:
         self._starting: asyncio.Task[_Guest] | None = None
         self._last_death: str | None = None
         self._start_error: Exception | None = None
+        self._shutdown_replied: asyncio.Event | None = None
         self._done = asyncio.Event()
         self._escalation: asyncio.Task[None] | None = None
         self._escalation_target: Any = None
@@ -138,7 +139,7 @@ class KernelRelay:
         try:
             await self._done.wait()
         finally:
-            await self._stop_guest(graceful=True)
+            await self._stop_guest(graceful=False)
             for t in list(self._tasks):
                 t.cancel()
             for sock in self.front.values():
@@ -342,17 +343,19 @@ class KernelRelay:
         with contextlib.suppress(json.JSONDecodeError, IndexError):
             content["restart"] = bool(json.loads(_split(frames)[1][4]).get("restart", False))
         if guest is not None:
-            # The guest's own shutdown_reply is forwarded by its reader; give it a moment to say goodbye.
+            # The guest answers (its reader forwards the shutdown_reply) and ends its kernel; the front end
+            # kills this process a few seconds after asking, so the sandbox goes at once after the reply.
+            self._shutdown_replied = asyncio.Event()
             dealer = self._dealer(guest, "control", idents[0])
             await dealer.send_multipart(frames[1:], copy=True)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(guest.sandbox.wait_dead(), SHUTDOWN_GRACE_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._shutdown_replied.wait(), SHUTDOWN_GRACE_S)
             await self._close_guest_sockets(guest)
             with contextlib.suppress(Exception):
-                await guest.sandbox.stop()
+                await guest.sandbox.kill()
         else:
             await self._reply(_Pending(idents, header), "shutdown_reply", content, channel="control")
-        await self._stop_guest(graceful=True)
+        await self._stop_guest(graceful=False)
         self._done.set()
 
     # -- guest → front end ---------------------------------------------------------------------------
@@ -364,6 +367,8 @@ class KernelRelay:
             if channel == "shell":
                 frames = self._note_reply(frames)
             await front.send_multipart([ident, *frames], copy=True)
+            if channel == "control" and self._shutdown_replied is not None:
+                self._shutdown_replied.set()
 
     def _note_reply(self, frames: list[bytes]) -> list[bytes]:
         try:

@@ -347,6 +347,9 @@ class BoxSandbox(KernelSandbox):
         engine, cid = self._engine, self._cid
         if self._stream is not None:
             self._stream.close()  # the guest sees the end of its stdin and exits
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
         if engine is not None and cid is not None:
             if graceful:
                 with contextlib.suppress(Exception):
@@ -354,9 +357,6 @@ class BoxSandbox(KernelSandbox):
             with contextlib.suppress(HotboxError):
                 engine.remove(cid)
             self._cid = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
 
 @contextlib.contextmanager

@@ -139,8 +139,9 @@ def test_images_are_current(client: docker.DockerClient, current_images: None) -
     assert [s.ref for s in states] == [r.ref for r in RECIPES.values()]
     assert all(s.current for s in states), states
     sizes = {s.name: s.size_mb or 0 for s in states}
-    # regressions in the package selection (scipy, recommends, docs) show up as size first
-    assert sizes["python"] < 450 and sizes["node"] < 220 and sizes["shell"] < 90, sizes
+    # regressions in the package selection (scipy, recommends, docs) show up as size first; python has
+    # ~120 MB of PyPI wheels for the kernels (ipykernel, IPython, jedi, debugpy, ipywidgets)
+    assert sizes["python"] < 520 and sizes["node"] < 220 and sizes["shell"] < 90, sizes
 
 
 def test_python_image_renders_figures_in_a_locked_down_box(client: docker.DockerClient,

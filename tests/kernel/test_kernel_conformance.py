@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 class Samples(jupyter_kernel_test.KernelTests):
     """The samples the stock ipykernel passes; every kernel below gets exactly these."""
 
+    __test__ = False  # only the subclasses run
+
     kernel_name = "python3"
     language_name = "python"
     file_extension = ".py"
@@ -67,18 +69,21 @@ class Samples(jupyter_kernel_test.KernelTests):
 
 class TestStockIpykernel(Samples):
     """The control: the same samples against the stock ipykernel."""
+    __test__ = True
 
     kernel_name = "python3"
 
 
 @pytest.mark.docker
 class TestHotBoxPython(Samples):
+    __test__ = True
     kernel_name = "hotbox-python"
 
 
 @pytest.mark.docker
 @pytest.mark.vm
 class TestHotcellPython(Samples):
+    __test__ = True
     kernel_name = "hotcell-python"
     ready_timeout = 240
 
