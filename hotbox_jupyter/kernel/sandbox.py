@@ -247,8 +247,9 @@ class BoxSandbox(KernelSandbox):
         else:  # the box's user cannot be given the directory; the 0700 parent keeps others out
             os.chmod(ipc, 0o777)
         task_id = f"kernel-{kdir.name.removeprefix('kernel-')}"
-        storage = settings.home / "storage" / settings.project.id
-        storage.mkdir(parents=True, exist_ok=True)
+        from ..box.storage import ProjectStorage
+
+        storage = ProjectStorage.for_settings(settings).ensure()  # hot://, on its quota disk like any box's
         spec = BoxSpec(task_id=task_id, conf=conf, limits=limits, image_env=image_env, runtimes=runtimes_dir(),
                        storage=storage, data=kdir, state_dir=kdir,
                        labels=task_labels(this_owner().labels(), task_id, settings.project.id,

@@ -157,11 +157,21 @@ def test_comms_round_trip_and_widgets(kernel: Any) -> None:
     assert value(r).strip("'").startswith("8.")
 
 
+def wait_for_output(kc: BlockingKernelClient, msg_id: str, text: str, timeout: float = 120) -> None:
+    """Until the cell ``msg_id`` printed ``text``: it runs, so an interrupt now hits the cell itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream"
+                and text in msg["content"]["text"]):
+            return
+
+
 def test_interrupt_stops_the_cell_and_keeps_state(kernel: Any) -> None:
     _name, km, kc, _pid = kernel
     assert execute(kc, "kept = 'still here'")["status"] == "ok"
-    msg_id = kc.execute("import time\nfor _ in range(600): time.sleep(0.1)")
-    time.sleep(2)
+    msg_id = kc.execute("import time\nprint('started', flush=True)\nfor _ in range(600): time.sleep(0.1)")
+    wait_for_output(kc, msg_id, "started")
     km.interrupt_kernel()
     reply = kc.get_shell_msg(timeout=30)
     while reply["parent_header"].get("msg_id") != msg_id:
@@ -172,8 +182,9 @@ def test_interrupt_stops_the_cell_and_keeps_state(kernel: Any) -> None:
 
 def test_a_cell_that_ignores_the_interrupt_is_stopped_and_the_next_gets_a_fresh_sandbox(kernel: Any) -> None:
     _name, km, kc, _pid = kernel
-    msg_id = kc.execute("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(600)")
-    time.sleep(2)
+    msg_id = kc.execute("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                        "print('started', flush=True)\ntime.sleep(600)")
+    wait_for_output(kc, msg_id, "started")
     t0 = time.monotonic()
     km.interrupt_kernel()
     reply = kc.get_shell_msg(timeout=60)
