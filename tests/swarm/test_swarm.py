@@ -214,7 +214,7 @@ def test_hot_storage_is_shared_by_every_node(lab: SwarmLab, swarm_project: Path)
     assert not os.path.ismount(shared)
 
 
-def test_magic_runs_cells_on_the_swarm(lab: SwarmLab, swarm_project: Path) -> None:
+def test_magic_runs_cells_on_the_swarm_async_and_stop(lab: SwarmLab, swarm_project: Path) -> None:
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.capture import capture_output
 
@@ -227,6 +227,21 @@ def test_magic_runs_cells_on_the_swarm(lab: SwarmLab, swarm_project: Path) -> No
         err = res.error_in_exec
         assert isinstance(err, BoxFailedError) and err.result.exit_code == 3, (err, cap.stderr)
         assert "hi from" in cap.stdout and lab.node_of_cgroup(cap.stdout) is not None
+        # --async returns at once with the task; its view's Stop button stops the box on its node.
+        t0 = time.monotonic()
+        with capture_output():
+            res = ip.run_cell("%%hotbox hotbox/shell --size nano --async\necho started; sleep 60", store_history=False)
+        task = res.result
+        assert time.monotonic() - t0 < 10 and task is not None
+        view = ip.magics_manager.registry["HotboxMagics"].views[task.id]
+        deadline = time.monotonic() + 60
+        while "started" not in "".join(o.get("text", "") for o in view.output.outputs):
+            assert time.monotonic() < deadline, "the async box never printed into its view"
+            time.sleep(0.05)
+        view.stop_button.click()
+        result = _wait(task.id, timeout=30)
+        assert result.reason is ExitReason.CANCELLED, result.message
+        assert _service(lab, task.id) is None
     finally:
         ip.run_line_magic("unload_ext", "hotbox_jupyter")
 
