@@ -329,6 +329,7 @@ class SwarmLab:
             self._kill_in_netns(ns)
             _sh("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()
+        self._unmount_under(self.base)  # e.g. a disk something mounted on the shared storage
         shutil.rmtree(self.base, ignore_errors=True)
         shutil.rmtree(f"/run/hbsw{self.tag}", ignore_errors=True)
 
