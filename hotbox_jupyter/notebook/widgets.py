@@ -539,7 +539,7 @@ class _Row:
                                       layout=w.Layout(width="auto"))
         self.console.add_class("hotbox-task-console")
         self.stop.on_click(lambda _b: monitor.stop(info.id))
-        self.console.observe(lambda c: monitor.show_console(info.id if c["new"] else None), names="value")
+        self.console.observe(lambda c: monitor.console_toggled(info.id, c["new"]), names="value")
         self.cells[3].add_class("hotbox-task-state")
         self.cells[3].add_class(f"hotbox-state-{info.id}")
 
@@ -564,6 +564,8 @@ class TaskMonitor(_Live, _Fallbacks, w.VBox):  # type: ignore[misc]
         self.console_chars = console_chars
         self._rows: dict[str, _Row] = {}
         self._console_task: str | None = None
+        # The ticker, a Stop's cancel thread and the comm handler (buttons) all redraw.
+        self._lock = threading.RLock()
         self.grid = w.GridBox(layout=w.Layout(grid_template_columns="repeat(7, auto)", grid_gap="2px 12px"))
         self.empty = w.HTML("<i>no tasks yet</i>")
         self.console = w.HTML(layout=w.Layout(max_height="24em", overflow="auto"))
@@ -579,11 +581,12 @@ class TaskMonitor(_Live, _Fallbacks, w.VBox):  # type: ignore[misc]
 
     def stop(self, task_id: str) -> None:
         """Stop a task (what its Stop button does): cancelled in a thread, the row says ``stopping``."""
-        row = self._rows.get(task_id)
-        if row is not None:
-            row.stopping = True
-            row.stop.disabled = True
-            self._draw_row(row, self.source.status(task_id), None)
+        with self._lock:
+            row = self._rows.get(task_id)
+            if row is not None:
+                row.stopping = True
+                row.stop.disabled = True
+                self._draw_row(row, self.source.status(task_id), None)
         threading.Thread(target=self._cancel, args=(task_id,), daemon=True, name=f"hotbox-stop-{task_id}").start()
 
     def _cancel(self, task_id: str) -> None:
@@ -593,13 +596,21 @@ class TaskMonitor(_Live, _Fallbacks, w.VBox):  # type: ignore[misc]
             log.warning("could not stop task %s: %s", task_id, exc)
         self.refresh()
 
+    def console_toggled(self, task_id: str, on: bool) -> None:
+        """A Console button went on or off (off because another one went on is not a hide)."""
+        if on:
+            self.show_console(task_id)
+        elif self._console_task == task_id:
+            self.show_console(None)
+
     def show_console(self, task_id: str | None) -> None:
         """Show the console of ``task_id`` under the table (None hides it)."""
-        self._console_task = task_id
-        for tid, row in self._rows.items():
-            if tid != task_id and row.console.value:
-                row.console.value = False
-        self._draw_console()
+        with self._lock:
+            self._console_task = task_id
+            for tid, row in self._rows.items():
+                if tid != task_id and row.console.value:
+                    row.console.value = False
+            self._draw_console()
 
     def _draw_console(self) -> None:
         tid = self._console_task
@@ -618,6 +629,10 @@ class TaskMonitor(_Live, _Fallbacks, w.VBox):  # type: ignore[misc]
 
     def refresh(self) -> None:
         """Ask the source for the tasks and redraw the rows that changed."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         infos = list(self.source.tasks())[-self.recent:]
         added = False
         for info in infos:

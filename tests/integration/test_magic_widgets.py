@@ -185,6 +185,11 @@ def test_task_monitor_states_stop_and_console() -> None:
     assert not run.stop.disabled and monitor._rows["box-bad"].stop.disabled
     run.console.value = True
     assert "console of box-run" in monitor.console.value and "&lt;b&gt;" in monitor.console.value
+    monitor._rows["box-bad"].console.value = True  # another console: shown instead, the first button off
+    assert "console of box-bad" in monitor.console.value and not run.console.value
+    monitor._rows["box-bad"].console.value = False
+    assert monitor.console.value == ""
+    run.console.value = True
     run.stop.click()
     assert _wait_for(lambda: monitor.states()["box-run"] == "cancelled")
     assert source.cancelled == ["box-run"]
