@@ -16,10 +16,11 @@ Seen from the host: ``/proc/<qemu>/status`` has a uid that is not 0, ``Seccomp: 
 and ``CapEff: 0``. QEMU never execs anything (``spawn=deny``), which is why snapshots are saved and
 loaded through file descriptors passed over QMP rather than ``exec:`` migration URIs.
 
-virtiofsd (shared directories) is the exception that cannot go as far: it must open files as the
-guest's users, so it keeps root and the capabilities that needs (CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
-SETGID, SETUID, MKNOD, SETFCAP); it runs in its own mount namespace that holds only the shared
-directory, and applies its own seccomp filter (``-o sandbox=chroot`` plus virtiofsd's seccomp).
+virtiofsd (shared directories) is the exception that cannot go as far: it must create and open files
+as the guest's users, so it keeps uid 0 and the capabilities that needs (it drops the others itself:
+CapEff 0x880000db = CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP). It runs in a
+mount and pid namespace of its own (pid 1 there), chrooted into the shared directory (``-o
+sandbox=chroot``), with no_new_privs and its own seccomp filter (``Seccomp: 2``).
 
 Turned off with ``HOTBOX_VM_CONFINE=0`` (for debugging), and off when the host process is not root
 (then QEMU runs as that unprivileged user, still under ``-sandbox``).

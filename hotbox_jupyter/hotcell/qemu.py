@@ -471,8 +471,9 @@ class _Vm:
         script = ('mount --bind "$1" "$1" && mount -o "remount,bind,nosuid,nodev$4" "$1" && '
                   'exec "$2" --socket-path="$3" -o source="$1" -o cache=auto -o sandbox=chroot '
                   '-o log_level=err')
-        argv = [*pdeathsig_prefix(), "unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-                "hotbox-virtiofsd", str(src), virtiofsd, str(sock), ",ro" if read_only else ""]
+        argv = [*pdeathsig_prefix(), "unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation",
+                "private", "sh", "-c", script, "hotbox-virtiofsd", str(src), virtiofsd, str(sock),
+                ",ro" if read_only else ""]
         vlog = open(self.rundir.path / f"virtiofsd{i}.log", "wb")  # noqa: SIM115 - closed in close()
         self._log_files.append(vlog)
         proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, stdout=vlog, stderr=vlog,

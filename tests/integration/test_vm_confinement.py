@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -12,7 +14,7 @@ from vm_support import drop_session_cache, run_dirs, vm_processes  # noqa: F401 
 
 from hotbox_jupyter.events import Exit, StdoutChunk
 from hotbox_jupyter.hotcell.backend import RootfsHandle
-from hotbox_jupyter.hotcell.config import VmConfig
+from hotbox_jupyter.hotcell.config import SharedDir, VmConfig
 from hotbox_jupyter.hotcell.jail import confinement_reason
 from hotbox_jupyter.hotcell.qemu import QemuBackend
 from hotbox_jupyter.hotcell.snapshot import SnapshotStore, WarmVm, start_warm_vm
@@ -110,4 +112,39 @@ def test_a_confined_session_boots_streams_and_stops(backend: QemuBackend, handle
         assert not Path(f"/proc/{vm.vmm_pid}").exists()
 
     anyio.run(go)
+    assert not vm_processes(os.getpid())
+
+
+def test_virtiofsd_keeps_only_the_capabilities_it_needs(backend: QemuBackend, handle: RootfsHandle,
+                                                          tmp_path: Path) -> None:
+    (tmp_path / "shared.txt").write_text("from the host")
+    config = VmConfig(command=["sh", "-c", "cat /mnt/s/shared.txt; sleep 3"],
+                      shared_dirs=[SharedDir(host_path=tmp_path, guest_path="/mnt/s", read_only=True)])
+    seen: list[dict[str, str]] = []
+
+    async def watch() -> None:
+        while not seen:
+            for line in subprocess.run(["pgrep", "-f", f"virtiofsd --socket-path=.*{os.getpid()}"],
+                                       capture_output=True, text=True).stdout.split():
+                with contextlib.suppress(OSError):
+                    st = {**status(int(line)), "root": os.readlink(f"/proc/{line}/root")}
+                    if st["Seccomp"] == "2":  # its filter is on; capabilities are dropped right after
+                        await anyio.sleep(0.5)
+                        seen.append({**status(int(line)), "root": os.readlink(f"/proc/{line}/root")})
+            await anyio.sleep(0.2)
+
+    async def go() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            result = await backend.run(config, handle)
+            tg.cancel_scope.cancel()
+        assert result.exit_code == 0 and result.console_output == "from the host"
+
+    anyio.run(go)
+    assert seen, "no virtiofsd was seen"
+    st = seen[0]
+    # uid 0 (it acts as the guest's users), but only CHOWN DAC_OVERRIDE FOWNER FSETID SETGID SETUID MKNOD SETFCAP.
+    assert st["CapEff"] == "00000000880000db" and st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", st
+    assert st["NSpid"].split()[-1] == "1", "virtiofsd must be pid 1 of a pid namespace of its own"
+    assert st["root"] == str(tmp_path), "virtiofsd must be chrooted into the shared directory"
     assert not vm_processes(os.getpid())
