@@ -1,0 +1,153 @@
+"""The attack suite's arena: every case runs against every isolation tier this host has, next to a
+witness box, and ends by checking that the host, this process (the kernel's side) and the witness
+came through unharmed and that no output or ledger entry was lost.
+
+The box helpers and fixtures are the integration tests' (``tests/integration/box_support.py`` and its
+``conftest.py``), shared rather than copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_INTEGRATION = Path(__file__).resolve().parent.parent / "integration"
+sys.path.insert(0, str(_INTEGRATION))
+
+import box_support  # noqa: E402
+
+from hotbox_jupyter import box  # noqa: E402
+from hotbox_jupyter.box.billing import Ledger  # noqa: E402
+from hotbox_jupyter.models import BoxConf, TaskResult, TaskStatus  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("integration_conftest", _INTEGRATION / "conftest.py")
+assert _spec is not None and _spec.loader is not None
+_integration = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_integration)
+
+images, project = box_support.images, box_support.project  # fixtures
+shell, client = _integration.shell, _integration.client  # fixtures
+
+SHELL, PYTHON = box_support.SHELL, box_support.PYTHON
+
+
+def host_tiers() -> list[str]:
+    """The isolation tiers this host can run: the vm helper's tier listing once it exists, else container."""
+    try:
+        from hotbox_jupyter.box import available_tiers  # type: ignore[attr-defined]
+    except ImportError:
+        return ["container"]
+    tiers: list[str] = available_tiers()
+    return tiers or ["container"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "tier" in metafunc.fixturenames:
+        metafunc.parametrize("tier", host_tiers())
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        return f"unreadable: {exc}"
+
+
+HOST_FILES = ("/etc/shadow", "/etc/passwd", "/etc/hostname")
+# What a case may cost the host's disk at most (its boxes' disks are a few tens of MB here).
+HOST_DISK_SLACK = 512 << 20
+HOST_RSS_SLACK = 200 << 20
+
+
+@dataclass
+class Arena:
+    """One attack case: its tier, the boxes it started, and the checks every case ends with."""
+
+    tier: str
+    project: Path
+    tasks: list[str] = field(default_factory=list)
+
+    def conf(self, **fields: Any) -> BoxConf:
+        """A BoxConf for this tier (the ``isolation`` field is only set off the default tier)."""
+        if self.tier != "container":
+            fields["isolation"] = self.tier
+        return BoxConf.model_validate(fields)
+
+    def run(self, *, wait_s: float = 180, stdin: bytes | None = None, **fields: Any) -> TaskResult:
+        """Run one attack box to its end and check its bookkeeping: a final status, its ledger row settled
+        with the same reason, and the marker it printed first still in its console (no output lost)."""
+        info = box.start(self.conf(**fields), stdin=stdin)
+        self.tasks.append(info.id)
+        result = box.wait(info.id, timeout=wait_s)
+        assert result.status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED), result
+        row = Ledger(box.settings().ledger_path).row(info.id)
+        assert row is not None and row.reason == result.reason.value, (row, result.reason)
+        assert row.cus is not None and abs(row.cus - result.cus) < 1e-3, (row, result.cus)
+        return result
+
+    def script(self, script: str, *, image: str = SHELL, size: str = "micro", **fields: Any) -> TaskResult:
+        """A shell attack; it prints BEGIN first, which must survive whatever the attack does."""
+        result = self.run(image=image, size=size, script=f"echo BEGIN\n{script}", **fields)
+        # stdout keeps its order (stdout and stderr relative to each other do not, in the engine's stream)
+        assert result.stdout.startswith("BEGIN") or result.truncated, result.console_output[:500]
+        return result
+
+    def python(self, code: str, *, size: str = "small", **fields: Any) -> TaskResult:
+        """A Python attack; it prints BEGIN first."""
+        result = self.run(image=PYTHON, size=size, cmd=["python3", "-u", "-c", f"print('BEGIN')\n{code}"], **fields)
+        assert result.stdout.startswith("BEGIN") or result.truncated, result.console_output[:500]
+        return result
+
+
+@pytest.fixture
+def arena(tier: str, project: Path) -> Iterator[Arena]:
+    """The case's arena, with a witness box of the same tier running beside the attack.
+
+    Afterwards: the witness is still running and its heartbeat has no gap (nothing lost), the host's
+    files are unchanged, the host disk and this process's memory did not grow past a small slack,
+    the engine answers and no box of the case is left.
+    """
+    digests = {p: _digest(p) for p in HOST_FILES}
+    disk_before = shutil.disk_usage(box_support.hotbox_home()).used
+    rss_before = _rss()
+    witness_script = "i=0; while [ $i -lt 2000 ]; do echo beat $i; i=$((i+1)); sleep 0.1; done"
+    arena = Arena(tier=tier, project=project)
+    witness = box.start(arena.conf(image=SHELL, size="nano", script=witness_script, timeout=300))
+    box_support.wait_running(witness.id)
+    yield arena
+    assert box.status(witness.id) is TaskStatus.RUNNING, box.result(witness.id)
+    box.cancel(witness.id, grace=0.5)
+    w = box.wait(witness.id, timeout=30)
+    beats = [int(line.split()[1]) for line in w.stdout.splitlines() if line.startswith("beat ")]
+    assert beats and beats == list(range(len(beats))), f"the witness lost output: {w.stdout[-300:]}"
+    assert {p: _digest(p) for p in HOST_FILES} == digests, "a host file changed"
+    grown = shutil.disk_usage(box_support.hotbox_home()).used - disk_before
+    assert grown < HOST_DISK_SLACK, f"the host disk grew by {grown >> 20} MB"
+    assert _rss() - rss_before < HOST_RSS_SLACK, f"this process grew by {(_rss() - rss_before) >> 20} MB"
+    import docker
+
+    c = docker.from_env()
+    try:
+        assert c.ping()
+        deadline = time.monotonic() + 10
+        while box_support.containers(c, project_id=box.settings().project.id):
+            assert time.monotonic() < deadline, "the case left boxes behind"
+            time.sleep(0.1)
+    finally:
+        c.close()
+    assert os.path.isdir(box_support.hotbox_home())
