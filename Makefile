@@ -6,7 +6,7 @@ export PYTHON
 # recursive (=) so that it is looked up after setup has run.
 PY = $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo $(PYTHON))
 
-.PHONY: setup demo test lint bench doctor
+.PHONY: setup demo test lint bench doctor soak
 
 setup:
 	bash scripts/setup.sh
@@ -16,6 +16,9 @@ demo: setup
 
 test: setup
 	bash scripts/test.sh
+
+soak: setup
+	HOTBOX_SOAK_TASKS=1000 bash scripts/test.sh tests/integration/test_soak.py -s
 
 doctor:
 	$(PY) -m hotbox_jupyter.cli doctor

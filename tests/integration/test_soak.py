@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 images, project = box_support.images, box_support.project  # fixtures
 
 CI_TASKS = 100
+TASKS = int(os.environ.get("HOTBOX_SOAK_TASKS", CI_TASKS))
 WORKERS = 6  # under the default plan's 8 boxes at once
 
 
@@ -100,8 +101,9 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.timeout(max(300, 3 * TASKS))
 def test_soak_many_short_boxes_with_random_cancels(project: Path) -> None:
-    count = int(os.environ.get("HOTBOX_SOAK_TASKS", CI_TASKS))
+    count = TASKS
     seed = int(os.environ.get("HOTBOX_SOAK_SEED", random.randrange(1 << 30)))
     print(f"soak: {count} tasks, HOTBOX_SOAK_SEED={seed}")
     planned = _plan(count, random.Random(seed))
