@@ -54,7 +54,7 @@ def test_cpu_spin_past_the_timeout_is_killed(arena: Arena) -> None:
     """Killed with a reason: a spinning box is killed at its timeout and the result says "timeout"."""
     r = arena.script("while :; do :; done", timeout=2)
     assert r.reason is ExitReason.TIMEOUT and "timeout of 2 s" in r.message, r
-    assert r.duration < 10
+    assert r.duration < 30
 
 
 def test_tmp_fill_gets_enospc_and_says_disk(arena: Arena) -> None:
