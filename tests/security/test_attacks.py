@@ -17,8 +17,8 @@ from typing import Any
 
 import docker
 import pytest
-from conftest import SHELL, Arena
 from IPython.core.interactiveshell import InteractiveShell
+from security_support import SHELL, Arena
 
 from hotbox_jupyter import ExitReason, box
 from hotbox_jupyter.box import journal
