@@ -144,9 +144,11 @@ def test_soak_many_short_boxes_with_random_cancels(project: Path) -> None:
     assert not mounts_under(settings.state_dir / "tasks"), "task disks left mounted"
     left = [r.id for r in results if (settings.state_dir / "tasks" / r.id / "disk").exists()]
     assert not left, f"task disks left on the host: {left[:5]}"
-    # Idle worker threads and the engine client's connection pool (10) may stay; a leak per task would not.
+    # Idle worker threads (anyio prunes them only when new work comes) and the engine client's connection
+    # pool (10) may stay, bounded by how many boxes ran at once; a leak per task would grow with the count
+    # (the 1000-task soak here ended with 20 threads and 35 fds, from 5 and 21).
     deadline = time.monotonic() + 15
-    while threading.active_count() > threads + 4 or _fds() > fds + 24:
+    while threading.active_count() > threads + 6 * WORKERS or _fds() > fds + 24:
         assert time.monotonic() < deadline, (f"threads {threads} -> {threading.active_count()}, "
                                              f"fds {fds} -> {_fds()}")
         time.sleep(0.1)
