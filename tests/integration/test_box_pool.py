@@ -156,7 +156,7 @@ def test_billing_starts_when_a_cell_gets_the_box(project: Path) -> None:
     assert result.ok, result
     row = Ledger(box.settings().ledger_path).row(info.id)
     assert row is not None and row.seconds is not None
-    assert 0.5 <= row.seconds < 2.5, row  # the cell's time, not the 3 s the box waited
+    assert 0.5 <= row.seconds < 3.0, row  # the cell's time: with the 3 s the box waited it would be 3.5 s
     assert result.cus == pytest.approx(row.seconds * 0.25, rel=1e-2)  # nano bills 0.25 CUS per second
     assert box.quota().running == 0
 
