@@ -76,6 +76,10 @@ def arena(tier: str, project: Path) -> Iterator[Arena]:
     arena = Arena(tier=tier, project=project)
     witness = box.start(BoxConf(image=SHELL, size="nano", script=witness_script, timeout=300))
     box_support.wait_running(witness.id)
+    deadline = time.monotonic() + 30
+    while "beat 0" not in box.logs(witness.id):  # it runs and speaks before the attack starts
+        assert time.monotonic() < deadline, "the witness did not start beating"
+        time.sleep(0.05)
     yield arena
     assert box.status(witness.id) is TaskStatus.RUNNING, box.result(witness.id)
     box.cancel(witness.id, grace=0.5)

@@ -55,6 +55,15 @@ KNOWN_HOLES.update({
     ("test_proc_kcore_and_sysrq_are_masked", "microvm"): (_GUEST_ROOT + "; /proc/kcore is readable", True),
     ("test_sys_is_read_only", "microvm"): (_GUEST_ROOT + "; /sys is writable (e.g. ksm/run)", True),
     ("test_setuid_binaries_do_not_elevate", "microvm"): (_GUEST_ROOT + "; a setuid-root program elevates", True),
+    ("test_fork_bomb_is_killed_for_pids", "microvm"): (
+        "intermittent under TCG and load: the bomb runs into its 30 s timeout (reason timeout) instead of "
+        "failing a fork at the guest's pids limit (reason pids)", False),
+    ("test_cpu_spin_past_the_timeout_is_killed", "microvm"): (
+        "intermittent under TCG and load: a 2 s timeout can expire before the restored guest printed its "
+        "first line, so the box ends (reason timeout) with no output", False),
+    ("test_interleaved_tiny_writes_keep_the_journal_bounded", "microvm"): (
+        "seen once under load: the result's stdout did not end with the last line written; not yet told "
+        "apart from the stdout/stderr reordering the other tiers showed", False),
     ("test_kill_all_reaches_only_the_box_itself", "microvm"): (
         "kill -9 -1 by root in the guest also kills the guest's task runner: the box ends with exit code 0 and "
         "without the output written after it", False),
