@@ -80,32 +80,43 @@ def main() -> int:
     ap.add_argument("--cells", type=int, default=40, help="trivial cells per kind")
     ap.add_argument("--no-vm", action="store_true", help="skip Hotcell Python")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="hotbox-bench-kernels-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hotbox-bench-kernels-", ignore_cleanup_errors=True) as tmp:
         os.environ.setdefault("HOTBOX_HOME", os.path.join(tmp, "home"))
-        ksm = KernelSpecManager(kernel_dirs=[f"{tmp}/share/jupyter/kernels"])
-        install("box", prefix=tmp, ksm=ksm)
-        install("vm", prefix=tmp, ksm=ksm)
-        write_kernel_spec(f"{tmp}/share/jupyter/kernels/python3")
-        kinds = {"stock ipykernel": ("python3", {}), "Hot Box Python": ("hotbox-python", {})}
-        if not args.no_vm:
-            kinds["Hotcell Python (restore)"] = ("hotcell-python", {})
-        starts: dict[str, list[float]] = {k: [] for k in kinds}
-        trips: dict[str, list[float]] = {}
-        if not args.no_vm:  # the first VM start makes the snapshot the restores use; not counted
-            stop(*start_and_first_result(ksm, "hotcell-python", {})[1:])
-        for i in range(args.starts):
-            for label, (name, env) in kinds.items():
-                seconds, km, kc = start_and_first_result(ksm, name, env)
-                starts[label].append(seconds)
-                if i == 0:
-                    round_trips(kc, 5)  # warm-up
-                    trips[label] = round_trips(kc, args.cells)
-                stop(km, kc)
-        if not args.no_vm:  # a snapshot key of its own: this start boots the VM from scratch
-            seconds, km, kc = start_and_first_result(
-                ksm, "hotcell-python", {"HOTBOX_KERNEL_SNAPSHOT_EXTRA": uuid.uuid4().hex})
-            starts["Hotcell Python (cold boot)"] = [seconds]
+        try:
+            return measure(args, tmp)
+        finally:  # the box kernels mounted hot:// (a disk) under HOTBOX_HOME
+            from hotbox_jupyter.box.storage import ProjectStorage
+            from hotbox_jupyter.settings import load_settings
+
+            ProjectStorage.for_settings(load_settings()).unmount()
+
+
+def measure(args: argparse.Namespace, tmp: str) -> int:
+    """Start and time every kind; print the figures."""
+    ksm = KernelSpecManager(kernel_dirs=[f"{tmp}/share/jupyter/kernels"])
+    install("box", prefix=tmp, ksm=ksm)
+    install("vm", prefix=tmp, ksm=ksm)
+    write_kernel_spec(f"{tmp}/share/jupyter/kernels/python3")
+    kinds = {"stock ipykernel": ("python3", {}), "Hot Box Python": ("hotbox-python", {})}
+    if not args.no_vm:
+        kinds["Hotcell Python (restore)"] = ("hotcell-python", {})
+    starts: dict[str, list[float]] = {k: [] for k in kinds}
+    trips: dict[str, list[float]] = {}
+    if not args.no_vm:  # the first VM start makes the snapshot the restores use; not counted
+        stop(*start_and_first_result(ksm, "hotcell-python", {})[1:])
+    for i in range(args.starts):
+        for label, (name, env) in kinds.items():
+            seconds, km, kc = start_and_first_result(ksm, name, env)
+            starts[label].append(seconds)
+            if i == 0:
+                round_trips(kc, 5)  # warm-up
+                trips[label] = round_trips(kc, args.cells)
             stop(km, kc)
+    if not args.no_vm:  # a snapshot key of its own: this start boots the VM from scratch
+        seconds, km, kc = start_and_first_result(
+            ksm, "hotcell-python", {"HOTBOX_KERNEL_SNAPSHOT_EXTRA": uuid.uuid4().hex})
+        starts["Hotcell Python (cold boot)"] = [seconds]
+        stop(km, kc)
     base_start = statistics.median(starts["stock ipykernel"])
     base_trip = statistics.median(trips["stock ipykernel"])
     print(f"kernel start -> first result of 1+1 ({args.starts} starts each; ratio = median / stock median)")
