@@ -20,6 +20,8 @@ def kernelspecs() -> KernelSpecManager:
     """hotbox-python and hotcell-python as ``hotbox kernel install --prefix`` writes them, plus the stock
     python3, in a directory of the test run's own (made once per run)."""
     if "dir" not in _SPECS:
+        import atexit
+        import shutil
         import tempfile
 
         from ipykernel.kernelspec import write_kernel_spec
@@ -27,6 +29,7 @@ def kernelspecs() -> KernelSpecManager:
         from hotbox_jupyter.kernel.install import install
 
         prefix = tempfile.mkdtemp(prefix="hotbox-kernelspecs-")
+        atexit.register(shutil.rmtree, prefix, True)
         ksm = KernelSpecManager(kernel_dirs=[f"{prefix}/share/jupyter/kernels"])
         install("box", prefix=prefix, ksm=ksm)
         install("vm", prefix=prefix, ksm=ksm)
