@@ -14,8 +14,11 @@ import logging
 import os
 import sys
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HotboxError
+from .metering import KernelMeter
 from .sandbox import BoxSandbox, KernelOptions, KernelSandbox
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,13 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open(args.connection_file) as f:
         connection = json.load(f)
-    first = make_sandbox(options)
-    # The container starts while this process still imports the relay's parts.
-    first.prestart(key=str(connection.get("key", "")),
-                   signature_scheme=str(connection.get("signature_scheme", "hmac-sha256")))
+    meter = KernelMeter(image=options.image, size=options.size, network=options.network)
+    first: KernelSandbox | None = None
+    try:
+        meter.admit()
+    except HotboxError as exc:  # e.g. the plan's quota: the relay says it to the first cell, nothing starts
+        log.warning("%s", exc)
+    else:
+        first = make_sandbox(options)
+        # The container starts while this process still imports the relay's parts.
+        first.prestart(key=str(connection.get("key", "")),
+                       signature_scheme=str(connection.get("signature_scheme", "hmac-sha256")))
     from .relay import KernelRelay
 
-    relay = KernelRelay(connection, lambda: make_sandbox(options), first=first)
+    relay = KernelRelay(connection, lambda: make_sandbox(options), first=first, meter=meter)
     asyncio.run(relay.run())
     return 0
 

@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
+from .metering import KernelMeter
 from .sandbox import GuestAddresses, KernelSandbox, SandboxError
 
 __all__ = ["KernelRelay"]
@@ -85,10 +86,13 @@ class KernelRelay:
     """Relays one front end's connection file to a kernel in a sandbox made by ``make_sandbox``."""
 
     def __init__(self, connection: dict[str, Any], make_sandbox: Callable[[], KernelSandbox], *,
-                 first: KernelSandbox | None = None, interrupt_grace: float = INTERRUPT_GRACE_S) -> None:
-        """``first``: a sandbox already :meth:`~.sandbox.KernelSandbox.prestart`-ed with this key."""
+                 first: KernelSandbox | None = None, interrupt_grace: float = INTERRUPT_GRACE_S,
+                 meter: KernelMeter | None = None) -> None:
+        """``first``: a sandbox already :meth:`~.sandbox.KernelSandbox.prestart`-ed with this key (and, with
+        ``meter``, already admitted); ``meter`` bills every sandbox in the project's ledger."""
         self.connection = connection
         self.make_sandbox = make_sandbox
+        self.meter = meter
         self._first = first
         self.interrupt_grace = interrupt_grace
         key = str(connection.get("key", "")).encode()
@@ -164,11 +168,21 @@ class KernelRelay:
 
     # -- the sandbox ---------------------------------------------------------------------------------
 
+    def _settle(self, reason: str) -> None:
+        if self.meter is not None:
+            self.meter.settle(reason)
+
     async def _start_guest(self) -> _Guest:
+        if self.meter is not None and not self.meter.running:
+            await asyncio.to_thread(self.meter.admit)  # a refusal (quota) creates nothing
         sandbox, self._first = self._first or self.make_sandbox(), None
         c = self.connection
-        addresses = await sandbox.start(key=str(c.get("key", "")),
-                                        signature_scheme=str(c.get("signature_scheme", "hmac-sha256")))
+        try:
+            addresses = await sandbox.start(key=str(c.get("key", "")),
+                                            signature_scheme=str(c.get("signature_scheme", "hmac-sha256")))
+        except BaseException:
+            self._settle("error")
+            raise
         guest = _Guest(sandbox, addresses)
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -222,6 +236,7 @@ class KernelRelay:
             else:
                 await self._fail(p, "SandboxDied", reason, aborted=p.header.get("msg_type") == "execute_request")
         await guest.sandbox.kill()
+        self._settle("error")
 
     async def _close_guest_sockets(self, guest: _Guest, keep_task: asyncio.Task[Any] | None = None) -> None:
         for t in guest.tasks:
@@ -246,6 +261,7 @@ class KernelRelay:
         await self._close_guest_sockets(guest)
         with contextlib.suppress(Exception):
             await (guest.sandbox.stop() if graceful else guest.sandbox.kill())
+        self._settle("exited")
 
     def _dealer(self, guest: _Guest, channel: str, ident: bytes) -> zmq.asyncio.Socket:
         sock = guest.dealers.get((channel, ident))
@@ -353,6 +369,7 @@ class KernelRelay:
             await self._close_guest_sockets(guest)
             with contextlib.suppress(Exception):
                 await guest.sandbox.kill()
+            self._settle("exited")
         else:
             await self._reply(_Pending(idents, header), "shutdown_reply", content, channel="control")
         await self._stop_guest(graceful=False)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -23,7 +24,9 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 from kernel_protocol import execute, kernelspecs, running_kernel
 
+from hotbox_jupyter import box
 from hotbox_jupyter.owner import LABEL_OWNER_PID
+from hotbox_jupyter.settings import load_settings
 
 pytestmark = [pytest.mark.kernel, pytest.mark.docker, pytest.mark.slow]
 
@@ -262,6 +265,28 @@ def test_restart_gives_a_fresh_sandbox_and_leaves_nothing(name: str) -> None:
             km.shutdown_kernel(now=False)
             clean_up(new_pid)
             assert not leftovers(new_pid)
+
+
+def kernel_ledger_rows(pid: int) -> list[tuple[str, float | None, float | None]]:
+    """(task_id, ended_at, cus) of the ledger rows billed by the host kernel ``pid``."""
+    with contextlib.closing(sqlite3.connect(load_settings().ledger_path)) as db:
+        return db.execute("SELECT task_id, ended_at, cus FROM tasks WHERE kind='kernel' AND owner_pid=?",
+                          (pid,)).fetchall()
+
+
+def test_a_kernels_sandbox_is_billed_in_the_projects_ledger() -> None:
+    """Kernels count against the plan like boxes: a row while the sandbox runs, settled when it stops."""
+    with sandboxed_kernel("hotbox-python") as (_km, kc, pid):
+        assert execute(kc, "import time; time.sleep(1)")["status"] == "ok"
+        rows = kernel_ledger_rows(pid)
+        assert len(rows) == 1 and rows[0][1] is None, rows  # running, not settled yet
+        assert box.quota().tasks_used >= 1
+    deadline = time.monotonic() + 15
+    while kernel_ledger_rows(pid)[0][1] is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (task_id, ended_at, cus), = kernel_ledger_rows(pid)
+    assert task_id.startswith("kernel-") and ended_at is not None
+    assert cus is not None and cus > 0  # at least the second the cell slept, times the size's multiplier
 
 
 @pytest.mark.parametrize("name", KINDS)
