@@ -7,7 +7,8 @@ stdin. Standard library only, so that any image with a ``python3`` can run it.
 * The value of the final expression becomes a ``result`` frame: its JSON value when it has one, and its
   ``text/plain`` repr plus any rich reprs (``_repr_html_``...) for the notebook to render.
 * ``display()`` is a builtin that sends objects with ``_repr_*_`` methods or raw MIME bundles as
-  ``display`` frames; ``from IPython.display import HTML, display`` works even where IPython is absent.
+  ``display`` frames; ``from IPython.display import HTML, display`` works where IPython is absent (a
+  stand-in) and where it is installed (its ``display`` is this runner's).
 * matplotlib draws with Agg; ``plt.show()`` and the end of the cell send open figures as PNG.
 * An exception prints its traceback on stderr, sends an ``error`` frame and exits with code 1.
 
@@ -260,6 +261,30 @@ class _IPythonStandIn:
         pass
 
 
+class _RealIPythonDisplay:
+    """Import hook at the front of sys.meta_path, for images that have a real IPython: outside an IPython
+    shell its ``display()`` only prints reprs, so as ``IPython.core.display_functions`` loads, its
+    ``display`` becomes this runner's (``IPython.display`` re-exports it). IPython is not imported early."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        if name != "IPython.core.display_functions":
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)  # type: ignore[arg-type]
+        loader = getattr(spec, "loader", None)
+        if loader is None:
+            return None
+        load = loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            load(module)
+            module.display = display  # type: ignore[attr-defined]
+
+        loader.exec_module = exec_module
+        return spec
+
+
 # --- running the cell -----------------------------------------------------------------------------------
 
 def _print(*args: object, sep: str | None = " ", end: str | None = "\n", file: object = None,
@@ -292,6 +317,7 @@ def prepare_environment() -> None:
     sys.modules.setdefault("hotbox_cell", sys.modules[__name__])
     builtins.display = display  # type: ignore[attr-defined]
     builtins.print = _print
+    sys.meta_path.insert(0, _RealIPythonDisplay())  # type: ignore[arg-type]
     sys.meta_path.append(_IPythonStandIn())  # type: ignore[arg-type]
 
 
