@@ -8,8 +8,10 @@ reused by a process with another start time) is an orphan and may be reaped by a
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
+from pathlib import Path
 
 __all__ = [
     "LABEL_MANAGED",
@@ -102,3 +104,16 @@ def owner_alive(pid: int | str | None, start: str | None, host: str | None = Non
         return False
     now = process_start_time(ipid)
     return now is not None and (start is None or now == start)
+
+
+def dead_owner_dirs(root: Path) -> list[Path]:
+    """The directories under ``root`` whose ``owner.json`` names a process that is gone (for reapers)."""
+    dead = []
+    for d in root.iterdir() if root.is_dir() else []:
+        try:
+            owner = json.loads((d / "owner.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not owner_alive(owner.get("pid"), owner.get("start"), owner.get("host")):
+            dead.append(d)
+    return dead

@@ -46,7 +46,15 @@ from ..errors import (
 from ..events import Event, Exit, Progress, ResultValue, StdoutChunk
 from ..frames import FrameDecoder
 from ..models import BoxConf, ExitReason, Limits, TaskInfo, TaskResult, TaskStatus
-from ..owner import LABEL_OWNER_HOST, LABEL_OWNER_PID, LABEL_OWNER_START, LABEL_TASK, owner_alive, this_owner
+from ..owner import (
+    LABEL_OWNER_HOST,
+    LABEL_OWNER_PID,
+    LABEL_OWNER_START,
+    LABEL_TASK,
+    dead_owner_dirs,
+    owner_alive,
+    this_owner,
+)
 from ..paths import runtimes_dir
 from ..settings import Settings
 from . import policy
@@ -792,16 +800,8 @@ class TaskManager:
     def _reap_state_dirs(self) -> None:
         """Remove task and spare directories (unmounting their disks) of dead processes."""
         for kind in ("tasks", "spare"):
-            root = self.settings.state_dir / kind
-            if not root.is_dir():
-                continue
-            for d in root.iterdir():
-                try:
-                    owner = json.loads((d / "owner.json").read_text())
-                except (OSError, ValueError):
-                    continue
-                if not owner_alive(owner.get("pid"), owner.get("start"), owner.get("host")):
-                    _remove_owned_dir(d)
+            for d in dead_owner_dirs(self.settings.state_dir / kind):
+                _remove_owned_dir(d)
 
 
 def _remove_owned_dir(d: Path) -> None:

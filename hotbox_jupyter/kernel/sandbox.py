@@ -140,17 +140,11 @@ def kernels_state_dir() -> Path:
 
 def reap_kernel_dirs(root: Path) -> list[Path]:
     """Remove the directories of host kernels whose process is gone (their socket files with them)."""
-    from ..owner import owner_alive
+    from ..owner import dead_owner_dirs
 
-    removed = []
-    for d in root.iterdir() if root.is_dir() else []:
-        try:
-            owner = json.loads((d / "owner.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if not owner_alive(owner.get("pid"), owner.get("start"), owner.get("host")):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
+    removed = dead_owner_dirs(root)
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
     return removed
 
 
