@@ -210,8 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save is not None and len(paths) != 1:
         print("--save takes exactly one notebook", file=sys.stderr)
         return 2
-    results = [run_notebook(p, kernel=args.kernel, timeout=args.timeout, save=args.save, out_dir=args.out_dir)
-               for p in paths]
+    try:
+        results = [run_notebook(p, kernel=args.kernel, timeout=args.timeout, save=args.save, out_dir=args.out_dir)
+                   for p in paths]
+    finally:
+        # The notebooks' boxes have ended: their projects' hot:// disks need not stay mounted after the demo.
+        from .box.storage import unmount_storage
+        from .settings import hotbox_home
+
+        unmount_storage(hotbox_home())
     return 0 if all(results) else 1
 
 

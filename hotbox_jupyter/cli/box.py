@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     cat = ssub.add_parser("cat", help="print a stored file")
     cat.add_argument("path")
     cat.set_defaults(func=cmd_storage_cat)
+    um = ssub.add_parser("unmount", help="unmount the projects' storage disks (their data stays; a box mounts "
+                                         "its project's disk again)")
+    um.set_defaults(func=cmd_storage_unmount)
 
 
 def _conf(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,4 +178,15 @@ def cmd_storage_cat(args: argparse.Namespace) -> int:
     from ..box import storage
 
     sys.stdout.buffer.write(storage.read_bytes(args.path))
+    return 0
+
+
+def cmd_storage_unmount(args: argparse.Namespace) -> int:
+    """A project's disk stays mounted after its boxes end, so the host can read hot:// at any time;
+    this unmounts every one under hotbox's home. A box still running keeps its own view of the disk."""
+    from ..box.storage import unmount_storage
+    from ..settings import hotbox_home
+
+    for root in unmount_storage(hotbox_home()):
+        print(f"unmounted {root}")
     return 0

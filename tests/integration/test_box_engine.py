@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -328,6 +330,12 @@ def test_hot_storage_round_trip_as_nobody(project: Path) -> None:
     assert run({"image": SHELL, "size": "micro",
                 "script": "echo nobody > /tmp/n; hotbox cp /tmp/n hot://out/deep/W.txt"}).ok
     assert box.storage.read_text("hot://out/deep/W.txt") == "nobody\n"
+    # `hotbox storage unmount` lets go of the project's disk; its data is there when a box mounts it again
+    cli = subprocess.run([sys.executable, "-m", "hotbox_jupyter.cli", "storage", "unmount"], capture_output=True,
+                         text=True, timeout=60)
+    assert cli.returncode == 0 and f"unmounted {store.root}" in cli.stdout, cli
+    assert not store.mounted
+    assert run({"image": SHELL, "size": "micro", "cmd": ["hotbox", "cat", "hot://out/deep/W.txt"]}).stdout == "nobody\n"
 
 
 def test_hot_paths_cannot_escape(project: Path) -> None:
