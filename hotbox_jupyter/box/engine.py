@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -182,12 +183,18 @@ class BoxSpec:
 class AttachedStream:
     """The hijacked attach connection of one container: multiplexed stdout/stderr out, stdin in."""
 
+    # Whether :meth:`read_ready` and :meth:`send_now` work: a plain socket the event loop can wait on
+    # (a subclass without one, or TLS with its own buffers, is read with :meth:`read_frames` in a thread).
+    pollable = False
+
     def __init__(self, sock: Any) -> None:
         self._keep = sock  # holds the HTTP response, which owns the connection
         raw = getattr(sock, "_sock", sock)
         self.sock: socket.socket = raw
         raw.settimeout(None)  # docker-py's request timeout would cut a quiet box's stream
+        self.pollable = isinstance(raw, socket.socket) and not isinstance(raw, ssl.SSLSocket)
         self._buf = b""
+        self._eof = False
 
     def write_stdin(self, data: bytes) -> None:
         """Send ``data`` to the process and close its stdin (``docker run -i`` with a pipe)."""
@@ -198,35 +205,73 @@ class AttachedStream:
         except OSError as exc:  # the process may have exited without reading
             log.debug("stdin not fully delivered: %s", exc)
 
+    def send_now(self, data: bytes) -> int:
+        """Send what the connection takes without blocking; the bytes sent (all of them if it is gone)."""
+        if not self.pollable:
+            return 0
+        try:
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # the process may have exited without reading, as in write_stdin
+            log.debug("stdin not delivered: %s", exc)
+            return len(data)
+
     def read_frames(self, limit: int = 1 << 20) -> list[tuple[int, bytes]] | None:
         """Block for the next data; return every complete frame received (up to ``limit`` bytes), None at EOF.
 
         Reading whatever is there in one go is what coalesces a flood into few large chunks.
         """
-        out: list[tuple[int, bytes]] = []
-        total = 0
         while True:
-            while len(self._buf) >= 8:
-                kind = self._buf[0]
-                size = int.from_bytes(self._buf[4:8], "big")
-                if len(self._buf) < 8 + size:
-                    break
-                data = self._buf[8: 8 + size]
-                self._buf = self._buf[8 + size:]
-                if out and out[-1][0] == kind:
-                    out[-1] = (kind, out[-1][1] + data)
-                else:
-                    out.append((kind, data))
-                total += size
-            if out and (total >= limit or not self._readable()):
-                return out
+            if self._has_frame() and (len(self._buf) >= limit or not self._readable()):
+                return self._complete_frames()
             try:
                 chunk = self.sock.recv(256 * 1024)
             except OSError:
                 chunk = b""
             if not chunk:
-                return out or None
+                return self._complete_frames() or None
             self._buf += chunk
+
+    def read_ready(self, limit: int = 1 << 20) -> list[tuple[int, bytes]] | None:
+        """What :meth:`read_frames` returns, from what can be read now without blocking (``[]``: no
+        complete frame yet): for a reader the event loop wakes when the socket is readable."""
+        total = 0
+        while not self._eof and total < limit:
+            try:
+                chunk = self.sock.recv(256 * 1024, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._eof = True
+                break
+            self._buf += chunk
+            total += len(chunk)
+        out = self._complete_frames()
+        return None if not out and self._eof else out
+
+    def _has_frame(self) -> bool:
+        return len(self._buf) >= 8 and len(self._buf) >= 8 + int.from_bytes(self._buf[4:8], "big")
+
+    def _complete_frames(self) -> list[tuple[int, bytes]]:
+        """Take the complete frames off the buffer, adjacent frames of one stream merged."""
+        buf, pos = self._buf, 0
+        parts: list[tuple[int, list[bytes]]] = []
+        while len(buf) - pos >= 8:
+            kind = buf[pos]
+            size = int.from_bytes(buf[pos + 4: pos + 8], "big")
+            if len(buf) - pos < 8 + size:
+                break
+            data = buf[pos + 8: pos + 8 + size]
+            pos += 8 + size
+            if parts and parts[-1][0] == kind:
+                parts[-1][1].append(data)
+            else:
+                parts.append((kind, [data]))
+        self._buf = buf[pos:]
+        return [(kind, b"".join(chunks)) for kind, chunks in parts]
 
     def _readable(self) -> bool:
         import select

@@ -98,7 +98,7 @@ class _Task:
     """One box: its conf, its life so far, and its journal."""
 
     def __init__(self, info: TaskInfo, conf: BoxConf, limits: Limits, task_dir: Path,
-                 stdin: bytes | None, labels: dict[str, str]) -> None:
+                 stdin: bytes | None, labels: dict[str, str], settled: anyio.Event | None = None) -> None:
         self.info = info
         self.conf = conf
         self.limits = limits
@@ -118,16 +118,20 @@ class _Task:
         self.result_value: Any = None
         self.pids_hit = False
         self.warm: tuple[WarmBox, list[str]] | None = None  # a warm box and its argv, when one was taken
+        # Set at the first output or the end (a warm pool refills after it: see WarmPools.take).
+        self.settled = settled or anyio.Event()
         self._out = FrameDecoder()
         self._err = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, kind: int, data: bytes) -> None:
+        self.settled.set()
         if kind == STDERR:
             self.journal.text("err", self._err.decode(data))
             return
         self._emit(self._out.feed(data))
 
     def feed_eof(self) -> None:
+        self.settled.set()
         self._emit(self._out.close())
         self.journal.text("err", self._err.decode(b"", final=True))
 
@@ -260,7 +264,8 @@ class TaskManager:
             await self._check_tier(engine, conf.isolation)
         limits = conf.limits()
         # A warm box carries its own labels, made before the caller's were known.
-        warm = self.pool.take(conf, limits) if labels is None else None
+        settled = anyio.Event()
+        warm = self.pool.take(conf, limits, settled) if labels is None else None
         task_id = warm[0].task_id if warm is not None else f"box-{uuid.uuid4().hex[:12]}"
         hexid = task_id.removeprefix("box-")
         owner = this_owner()
@@ -284,7 +289,7 @@ class TaskManager:
             info = TaskInfo(id=task_id, stream_id=f"stream-{hexid}", image=conf.image, size=conf.size,
                             created_at=datetime.now(timezone.utc))
             task = _Task(info, conf, limits, task_dir, bytes(stdin) if stdin is not None else None,
-                         task_labels(owner.labels(), task_id, self.settings.project.id, labels))
+                         task_labels(owner.labels(), task_id, self.settings.project.id, labels), settled)
         except BaseException:
             await self._thread(self.ledger.settle, task_id, 0.0, ExitReason.ERROR.value)
             if warm is not None:
@@ -295,6 +300,8 @@ class TaskManager:
         task.warm = warm
         self._tasks[task_id] = task
         self._streams[info.stream_id] = task
+        if warm is not None:
+            self._hand_out(task)
         self._tg.start_soon(self._run_vm if conf.isolation == "microvm" else self._run, task)
         return info
 
@@ -326,7 +333,9 @@ class TaskManager:
                 with anyio.CancelScope() as pending:
                     task.pending_scope = pending
                     if task.warm is not None:
-                        await self._hand_out(task, tg, pumped)
+                        assert task.warm[0].stream is not None
+                        tg.start_soon(self._pump, task, task.warm[0].stream, pumped)
+                        tg.start_soon(self._watch_pids, task)
                     else:
                         await self._prepare(engine, task, disk, tg, pumped)
                 task.pending_scope = None
@@ -470,24 +479,35 @@ class TaskManager:
             tg.start_soon(self._thread, stream.write_stdin, task.stdin)
         tg.start_soon(self._watch_pids, task)
 
-    async def _hand_out(self, task: _Task, tg: TaskGroup, pumped: anyio.Event) -> None:
-        """Give a warm box its job: no engine call, one write on the attach connection it already has."""
+    def _hand_out(self, task: _Task) -> None:
+        """Give a warm box its job, from start() itself: no engine call, no thread, one write on the attach
+        connection it already has (what the socket does not take at once goes on from a worker thread)."""
         assert task.warm is not None
         box, argv = task.warm
         assert box.container_id is not None and box.stream is not None
         # The box's environment already holds the image's and ours; the job adds the conf's on top.
         job = box.job(argv, dict(task.conf.env)) + (task.stdin or b"")
         task.container_id = box.container_id
-        tg.start_soon(self._pump, task, box.stream, pumped)
         task.started = time.monotonic()
         task.status = TaskStatus.RUNNING
-        tg.start_soon(self._thread, box.stream.write_stdin, job)
-        tg.start_soon(self._watch_pids, task)
+        sent = box.stream.send_now(job)
+        if sent < len(job) or not box.stream.pollable:
+            assert self._tg is not None
+            self._tg.start_soon(self._thread, box.stream.write_stdin, job[sent:])
+        else:
+            box.stream.write_stdin(b"")  # closes its stdin: no data left, so it does not block
 
     async def _pump(self, task: _Task, stream: AttachedStream, pumped: anyio.Event) -> None:
+        """Feed the box's output to its task as it comes: woken by the event loop when the socket is
+        readable (no worker thread and no thread hop per read), or from a worker thread for a stream
+        the loop cannot wait on (a swarm service's log)."""
         try:
             while True:
-                frames = await self._thread(stream.read_frames, abandon=True)
+                if stream.pollable:
+                    await anyio.wait_readable(stream.sock)
+                    frames = stream.read_ready()
+                else:
+                    frames = await self._thread(stream.read_frames, abandon=True)
                 if frames is None:
                     break
                 for kind, data in frames:

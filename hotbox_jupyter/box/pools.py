@@ -63,6 +63,8 @@ READY = b"hotbox-pool-ready\n"
 READY_TIMEOUT_S = 30.0
 # After a pool failed to make a box, it waits this long before trying again.
 BACKOFF_S = 30.0
+# After a hand-out, the refill waits for the box's first output or end, but no longer than this.
+REFILL_DELAY_S = 1.0
 LABEL_POOL = "io.hotbox.pool"
 _SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -214,11 +216,16 @@ class WarmPools:
 
     # -- hand-out -----------------------------------------------------------------------------------
 
-    def take(self, conf: BoxConf, limits: Limits) -> tuple[WarmBox, list[str]] | None:
+    def take(self, conf: BoxConf, limits: Limits,
+             settled: anyio.Event | None = None) -> tuple[WarmBox, list[str]] | None:
         """A ready warm box for ``conf`` and the argv to give it, or None (the box then starts cold).
 
-        Either way the pool of ``conf`` is (re)filled in the background.
+        Either way the pool of ``conf`` is (re)filled in the background. After a hand-out the refill
+        waits until ``settled`` is set (the caller's box showed its first output or ended), at most
+        :data:`REFILL_DELAY_S`: making a box is a few hundred ms of dockerd, containerd and runc work,
+        which on a small machine would otherwise compete with the cell it was handed to.
         """
+        handed = False
         if not self.enabled or self._closing or not self._local():
             return None
         argv = self._argv(conf)
@@ -235,13 +242,17 @@ class WarmPools:
                 box = pool.ready.pop(0)
                 del self._boxes[box.task_id]
                 if box.waiting():
+                    handed = True
                     return box, argv
                 log.warning("warm pool %s: box %s ended while it waited; removing it", key.image, box.task_id)
                 self._spawn(self._destroy, box)
             return None
         finally:
             pool.notify()
-            self._spawn(self._fill, key)
+            if handed and settled is not None:
+                self._spawn(self._fill_after, key, settled)
+            else:
+                self._spawn(self._fill, key)
 
     def give_back(self, box: WarmBox) -> None:
         """A box taken but not used (its task was refused): ready again, at the front."""
@@ -321,6 +332,11 @@ class WarmPools:
         settings = self._m.settings
         quota = await self._m.thread(self._m.ledger.quota, settings.project.id, settings.plan)
         return max(0, min(self.max_total, settings.plan.max_concurrent - quota.running))
+
+    async def _fill_after(self, key: PoolKey, settled: anyio.Event) -> None:
+        with anyio.move_on_after(REFILL_DELAY_S):
+            await settled.wait()
+        await self._fill(key)
 
     async def _fill(self, key: PoolKey) -> None:
         pool = self._pools.get(key)
