@@ -72,6 +72,8 @@ T = TypeVar("T")
 # What a TaskResult holds in memory of the console (its tail); the kept console stays in console_path.
 RESULT_CAP = TAIL_CAP
 MAX_SPARES = 4
+# A spare /data disk is made once the box that used the last one showed output, or after this long.
+SPARE_DELAY_S = 1.0
 STDOUT, STDERR = 1, 2
 _FORK_FAILED = ("fork: Resource temporarily unavailable", "Cannot fork", "can't fork", "fork failed",
                 "BlockingIOError: [Errno 11] Resource temporarily unavailable")
@@ -473,8 +475,9 @@ class TaskManager:
             await self._thread(engine.start, task.container_id)
             task.started = time.monotonic()
             task.status = TaskStatus.RUNNING
-        if disk.enforced:  # the next box of this size will find its disk ready (made off its critical path)
-            self._tg_start(self._make_spare, disk.size_mb, disk.uid, disk.gid)
+        if disk.enforced:  # the next box of this size will find its disk ready (made off its critical path,
+            # once this one showed its first output: mkfs and mount would compete with its start)
+            self._tg_start(self._make_spare, disk.size_mb, disk.uid, disk.gid, task.settled)
         if task.stdin is not None:
             tg.start_soon(self._thread, stream.write_stdin, task.stdin)
         tg.start_soon(self._watch_pids, task)
@@ -658,12 +661,15 @@ class TaskManager:
         disk.enforced = True
         return True
 
-    async def _make_spare(self, size_mb: int, uid: int, gid: int) -> None:
+    async def _make_spare(self, size_mb: int, uid: int, gid: int, after: anyio.Event | None = None) -> None:
         key = (size_mb, uid, gid)
         if key in self._spares or key in self._spare_busy:
             return
         self._spare_busy.add(key)
         try:
+            if after is not None:
+                with anyio.move_on_after(SPARE_DELAY_S):
+                    await after.wait()
             spare = self.settings.state_dir / "spare" / uuid.uuid4().hex[:12]
 
             def make() -> bool:
