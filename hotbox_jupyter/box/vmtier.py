@@ -33,7 +33,7 @@ import anyio
 from ..errors import HotboxError, ImageError
 from ..events import Exit, StdoutChunk
 from ..models import BoxConf, ExitReason, Limits
-from .engine import Engine, box_command, box_environment
+from .engine import WRITABLE_CAPS, Engine, box_command, box_environment
 
 __all__ = ["VmBox", "prepare_vm_box", "resolve_command"]
 
@@ -177,7 +177,7 @@ async def prepare_vm_box(engine: Engine, conf: BoxConf, limits: Limits, task_id:
         progress(f"microvm: {conf.image} has no python3: cold-booting a VM that runs the command directly")
         return VmBox(warm=None, backend=backend, handle=handle, vm_config=vm_config, payload={})
     payload = {"argv": argv, "env": env, "workdir": workdir, "user": limits.user, "read_only": limits.read_only,
-               "tmp_mb": limits.tmp_mb, "pids": limits.pids,
+               "tmp_mb": limits.tmp_mb, "pids": limits.pids, "caps": [] if limits.read_only else list(WRITABLE_CAPS),
                "stdin": base64.b64encode(stdin).decode() if stdin is not None else None}
     warm_config = vm_config.model_copy(update={"command": VMTASK, "env": [], "workdir": "/"})
     warm = await start_warm_vm(backend, warm_config, handle, program=VMTASK, guest_ports=[], key_extra=KEY_EXTRA)

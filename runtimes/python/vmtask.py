@@ -4,10 +4,15 @@ The host boots (or restores) a VM running this file; it waits in ``hotbox_warm.w
 every task starts from a snapshot with the interpreter already loaded. The start payload is the task:
 
     {"argv": [...], "env": {...}, "workdir": "/", "user": "65534:65534", "read_only": true,
-     "tmp_mb": 128, "pids": 100, "stdin": BASE64 | null}
+     "tmp_mb": 128, "pids": 100, "caps": ["CHOWN", ...], "stdin": BASE64 | null}
 
 It then shapes the guest like a box (a size-limited tmpfs /tmp, /data, a read-only root for a default
-box, the box's user, a pids cgroup), runs ``argv`` in its own session and forwards its output. Messages
+box, a pids cgroup) and confines the task the way runc confines a container's process: the task runs
+under a small init (:func:`box_init`, pid 1 of a pid namespace of its own, so ``kill -9 -1`` reaches
+only the box's processes) in a mount namespace with a fresh /proc, runc's masked and read-only /proc
+paths, a read-only /sys and a /dev of the harmless devices only; it becomes the box's user with only
+the ``caps`` capabilities (bounding set included), no ambient ones and no_new_privs (:func:`confine`).
+It forwards the task's output. Messages
 to the host: ``{"t": "out" | "err", "b": BASE64}``, then ``{"t": "exit", "code": N, "oom": bool,
 "pids": bool}``. From the host: ``{"op": "signal", "sig": N}`` (to the whole process group).
 """
@@ -21,7 +26,6 @@ import io
 import os
 import runpy
 import signal
-import subprocess
 import sys
 import threading
 import traceback
@@ -37,7 +41,23 @@ for _mod in ("ast", "builtins", "contextlib", "json", "linecache", "types", "ppr
     __import__(_mod)
 
 CGROUP = "/sys/fs/cgroup"
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
+CAPS = {name: n for n, name in enumerate((
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER",
+    "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF",
+    "CHECKPOINT_RESTORE"))}
+# runc's defaults (the maskedPaths and readonlyPaths of its spec): kernel memory, keys, timers, hardware.
+MASKED = ("/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+          "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware")
+READ_ONLY = ("/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+# A container's /dev: (name, char major, minor). No disks, no memory, no console, no VM channel ports.
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -45,6 +65,12 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     """mount(2) without a mount program: no fork under TCG, and any image has libc."""
     enc = (lambda v: v.encode() if v is not None else None)
     return _libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) == 0
+
+
+def must(ok: bool, what: str) -> None:
+    if not ok:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def oom_kills() -> int:
@@ -99,6 +125,94 @@ def shape_guest(task: dict) -> str | None:
         mount("/data", "/data", None, MS_BIND, None)
         mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
     return group
+
+
+def confine_mounts() -> None:
+    """In a new mount namespace: the box's view of /proc, /sys and /dev, as runc sets up a container's."""
+    must(_libc.unshare(CLONE_NEWNS) == 0, "unshare(CLONE_NEWNS)")
+    must(mount(None, "/", None, MS_REC | MS_PRIVATE, None), "making the mounts private")
+    locked = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    must(mount("proc", "/proc", "proc", locked, None), "mounting /proc")  # this pid namespace's
+    for path in MASKED:
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | locked, "size=0")
+        elif os.path.exists(path):
+            must(mount("/dev/null", path, None, MS_BIND, None), f"masking {path}")
+    for path in (*READ_ONLY, "/sys", CGROUP):
+        if os.path.exists(path) and mount(path, path, None, MS_BIND | MS_REC, None):
+            must(mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | locked, None), f"making {path} read-only")
+    must(mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k"), "mounting /dev")
+    for name, major, minor in DEVICES:
+        os.mknod(f"/dev/{name}", 0o666 | 0o020000, os.makedev(major, minor))
+        os.chmod(f"/dev/{name}", 0o666)
+    os.makedirs("/dev/pts")
+    os.makedirs("/dev/shm")
+    must(mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"),
+         "mounting /dev/pts")
+    must(mount("shm", "/dev/shm", "tmpfs", locked, "mode=1777"), "mounting /dev/shm")
+    for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"/dev/{name}")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def confine(caps: list[str], uid: int, gid: int) -> None:
+    """Become the box's user with only ``caps`` (bounding set too), no ambient ones, and no_new_privs."""
+    keep = {CAPS[c] for c in caps}
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if cap not in keep:
+            must(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0, f"dropping capability {cap}")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)  # to a user other than root: permitted and effective capabilities are gone
+    data = (_CapData * 2)()
+    for cap in keep if uid == 0 else ():
+        data[cap // 32].effective |= 1 << (cap % 32)
+        data[cap // 32].permitted |= 1 << (cap % 32)
+    must(_libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), data) == 0, "capset")  # _LINUX_CAPABILITY_VERSION_3
+    must(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) == 0, "clearing ambient capabilities")
+    must(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "setting no_new_privs")
+
+
+def box_init(group: str | None, start: object) -> int:
+    """Pid 1 of the box's pid namespace (a container's tini): the box's mounts, then ``start()`` in a
+    child, zombies reaped, its status returned (128 + N for a signal). Signals to the process group
+    reach the task; this init ignores them (pid 1 without handlers), only SIGKILL ends it, and with it
+    every process of the box."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    if group is not None:
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    confine_mounts()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            start()  # type: ignore[operator]
+        except BaseException:
+            traceback.print_exc()
+        os._exit(126)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)  # the task's pipes end with the task's processes, not with this init
+    os.closerange(3, 1 << 16)
+    while True:
+        try:
+            child, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 126
+        if child == pid:
+            code = os.waitstatus_to_exitcode(status)
+            return 128 - code if code < 0 else code
 
 
 def python_target(argv: list[str], env: dict) -> tuple[str, str, list[str], bool] | None:
@@ -195,7 +309,7 @@ def run_python(kind: str, target: str, args: list[str], unbuffered: bool, env: d
 
 
 class Forked:
-    """A forked task with the interface of subprocess.Popen that main() uses."""
+    """The box's init, forked, with the interface of subprocess.Popen that main() uses."""
 
     def __init__(self, pid: int, stdin: int | None, stdout: int, stderr: int) -> None:
         self.pid = pid
@@ -208,42 +322,56 @@ class Forked:
         return os.waitstatus_to_exitcode(status)
 
 
-def fork_python(py: tuple[str, str, list[str], bool], env: dict, workdir: str, want_stdin: bool,
-                setup: object) -> Forked:
+def exec_program(argv: list[str], env: dict) -> None:
+    """exec the task's program; when it cannot be, say so on stderr and exit as a container runtime does
+    (127 for a missing program, 126 for one that cannot run)."""
+    for sig in ("SIGPIPE", "SIGXFSZ"):  # what subprocess restores: a program starts with the defaults
+        signal.signal(getattr(signal, sig), signal.SIG_DFL)
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        os.write(2, f"{argv[0]}: {exc.strerror}\n".encode())
+        os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
+
+
+def start_box(argv: list[str], py: tuple[str, str, list[str], bool] | None, env: dict, workdir: str,
+              want_stdin: bool, group: str | None, setup: object) -> Forked:
+    """Fork the box's init (pid 1 of a new pid namespace, in a session of its own) and, under it, the
+    task: ``setup()`` (user, capabilities), then a fork of this interpreter running ``py`` or ``argv``
+    exec'd. Its stdin, stdout and stderr are pipes to this runner."""
     in_r, in_w = os.pipe() if want_stdin else (os.open(os.devnull, os.O_RDONLY), None)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    # The next child, the box's init, is pid 1 of a new pid namespace; then this runner's own children (its
+    # threads included, which cannot be made while the two differ) are back in its own namespace.
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    must(_libc.unshare(CLONE_NEWPID) == 0, "unshare(CLONE_NEWPID)")
+
+    def task() -> None:
+        setup()  # type: ignore[operator]
+        os.chdir(workdir)
+        if py is not None:
+            os._exit(run_python(*py, env))
+        exec_program(argv, env)
+
     pid = os.fork()
     if pid == 0:
         try:
             os.setsid()
-            setup()  # type: ignore[operator]
             for src, dst in ((in_r, 0), (out_w, 1), (err_w, 2)):
                 os.dup2(src, dst)
             os.closerange(3, 1 << 16)
-            os.chdir(workdir)
-            os._exit(run_python(*py, env))
+            os._exit(box_init(group, task))
         except BaseException:
             traceback.print_exc()
             os._exit(126)
+    try:
+        must(_libc.setns(own, CLONE_NEWPID) == 0, "setns(CLONE_NEWPID)")
+    finally:
+        os.close(own)
     for fd in (in_r, out_w, err_w):
         os.close(fd)
     return Forked(pid, in_w, out_r, err_r)
-
-
-def spawn(argv: list[str], env: dict, workdir: str, stdin: object, setup: object) -> subprocess.Popen | None:
-    """exec the task's program; None (after telling the host) when it cannot be started."""
-    try:
-        return subprocess.Popen(argv, env=env, cwd=workdir,
-                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=setup,  # type: ignore[arg-type]
-                                start_new_session=True)
-    except OSError as exc:
-        # What a container runtime says for a missing or unrunnable program, with its exit code.
-        code = 127 if isinstance(exc, FileNotFoundError) else 126
-        hotbox_warm.send({"t": "err", "b": base64.b64encode(f"{argv[0]}: {exc.strerror}\n".encode()).decode()})
-        hotbox_warm.send({"t": "exit", "code": code, "oom": False, "pids": False})
-        return None
 
 
 def pump(fd: int, kind: str) -> None:
@@ -270,29 +398,19 @@ def main() -> int:
     group = shape_guest(task)
     uid, _, gid = str(task.get("user", "0:0")).partition(":")
     uid_n, gid_n = int(uid), int(gid or uid)
+    caps = list(task.get("caps") or [])
     stdin = task.get("stdin")
 
     def child_setup() -> None:
         with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("0")  # the runner itself is spared by the OOM killer; the task is not
-        if group is not None:
-            with open(os.path.join(group, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-        if gid_n or uid_n:
-            os.setgroups([])
-            os.setgid(gid_n)
-            os.setuid(uid_n)
+            f.write("0")  # the runner and the box's init are spared by the OOM killer; the task is not
+        confine(caps, uid_n, gid_n)
 
     before = oom_kills()
     env = task.get("env") or {}
     workdir = task.get("workdir") or "/"
-    py = python_target(task["argv"], env)
-    if py is not None:
-        proc: Forked | subprocess.Popen = fork_python(py, env, workdir, stdin is not None, child_setup)
-    else:
-        proc = spawn(task["argv"], env, workdir, stdin, child_setup)
-        if proc is None:
-            return 0
+    proc = start_box(task["argv"], python_target(task["argv"], env), env, workdir, stdin is not None, group,
+                     child_setup)
     pumps = [threading.Thread(target=pump, args=(proc.stdout.fileno(), "out"), daemon=True),
              threading.Thread(target=pump, args=(proc.stderr.fileno(), "err"), daemon=True)]
     for t in pumps:
