@@ -372,9 +372,9 @@ class TaskManager:
         """Which of the box's disks is full as it ends (checked before they are unmounted), if any."""
         lim = task.limits
         if not lim.read_only and info and engine.root_disk_full(info):
-            return f"its writable root filesystem ({lim.disk_mb} MB, the size's disk)"
+            return _full_message("root", lim)
         if disk_full(disk.path):
-            return f"/data ({lim.disk_mb} MB, disk-size)"
+            return _full_message("data", lim)
         if disk_full(self.storage.root):
             return f"the project's hot:// storage (/hot, {self.storage.quota_mb} MB, storage_mb in hot.toml)"
         return None
@@ -412,7 +412,8 @@ class TaskManager:
                 if vm is not None:
                     await vm.close()
                 task.feed_eof()
-                await self._finish(task, exit_code, timed_out, state, error)
+                full = _full_message(str(state.get("DiskFull")), task.limits) if state else None
+                await self._finish(task, exit_code, timed_out, state, error, full)
 
     async def _prepare(self, engine: Engine, task: _Task, disk: DataDisk, tg: TaskGroup, pumped: anyio.Event) -> None:
         """Image, /data disk, container, attached stream; then start it. Cancellable until the container runs."""
@@ -851,6 +852,12 @@ def _as_conf(conf: Any) -> BoxConf:
         raise ConfigError.invalid("conf", type(conf).__name__, "a BoxConf or a dict of BoxConf fields")
     parsed: BoxConf = BoxConf.model_validate(conf)
     return parsed
+
+
+def _full_message(which: str, lim: Limits) -> str | None:
+    """What a full disk of a box is called in its result: ``which`` is "root" or "data" (else None)."""
+    return {"root": f"its writable root filesystem ({lim.disk_mb} MB, the size's disk)",
+            "data": f"/data ({lim.disk_mb} MB, disk-size)"}.get(which)
 
 
 def _failure(task: _Task, exc: Exception) -> str:

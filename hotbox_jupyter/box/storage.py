@@ -90,6 +90,17 @@ def _make_ext4(img: Path, size_mb: int, uid: int, gid: int, content: Path | None
          "-E", f"nodiscard,root_owner={uid}:{gid}", *extra, str(img))
 
 
+def make_disk_image(img: Path, size_mb: int, uid: int, gid: int, what: str) -> None:
+    """A sparse ext4 image of ``size_mb`` whose root belongs to ``uid:gid``, not mounted here (a VM's
+    drive: needs ``mkfs.ext4``, not root). LimitError (naming ``what``) when it cannot be made."""
+    try:
+        _make_ext4(img, size_mb, uid, gid)
+    except (OSError, subprocess.SubprocessError) as exc:
+        img.unlink(missing_ok=True)
+        raise LimitError(f"{what} cannot be enforced: {_failure(exc)}; the box is refused rather than run "
+                         "without it") from exc
+
+
 def _loop_mount(img: Path, target: Path) -> None:
     _run("mount", "-o", "loop,nosuid,nodev", str(img), str(target))
     with contextlib.suppress(OSError):

@@ -5,14 +5,24 @@ image comes from the Docker engine as for a container (its Entrypoint, Cmd, Env 
 same command line), is turned into the VM's root filesystem once (cached by image digest), and the
 command runs under ``runtimes/python/vmtask.py``, a guest runner that waits in a snapshot: the first
 task of an (image, size, network) cold-boots and saves the VM, later ones restore it (:mod:`..hotcell.snapshot`).
-The runner shapes the guest like the box: a ``tmp_mb`` tmpfs at /tmp, /data owned by the box user,
-a read-only root and uid 65534 unless ``writable``, a pids cgroup of the box's process limit. The VM
-has the size's memory (plus 64 MiB for the guest kernel) and vCPUs; a timeout or SIGKILL kills the VM.
+The runner shapes the guest like the box: a ``tmp_mb`` tmpfs at /tmp, a read-only root and uid 65534
+unless ``writable``, a pids cgroup of the box's process limit, and ``/data`` a fresh sparse ext4 drive
+of the size's ``disk_mb`` made here for every task (``WarmLaunch.data``: the drive is in the snapshot's
+device set, a restore points it at the new file and the guest drops its cached blocks before mounting it
+``nosuid,nodev``), so a writer gets ENOSPC at the cap and the result says "disk". The task is confined
+as runc confines a container's process: pid 1 of its own pid namespace is a small init of the runner
+(``kill -9 -1`` reaches only the box), a mount namespace with a fresh /proc, runc's masked and read-only
+paths (/proc/kcore, /proc/sysrq-trigger, ...), a read-only /sys and a /dev of harmless devices only, the
+container tier's capabilities (:data:`~.engine.WRITABLE_CAPS` for a writable box, none otherwise, the
+bounding set included) and no_new_privs. The VM has the size's memory (plus 64 MiB for the guest kernel)
+and vCPUs; a timeout or SIGKILL kills the VM.
 
 Differences from a container box, said plainly: ``/hot`` is not mounted (virtio-fs cannot be part of a
-snapshot), ``/data`` is a directory on the VM's throw-away root disk (bounded by the image's free space,
-not by ``disk_mb``), and an image without ``python3`` cold-boots every time with the command run by the
-VM's init (no user switch, no read-only root, no pids limit there).
+snapshot, and Debian's cloud guest kernel has no 9p), the writable root of a writable box is the VM's
+throw-away root disk (bounded by the image's free space, not by ``disk_mb``), there is no seccomp
+filter inside the guest (the guest kernel is the VM's own), and an image without ``python3`` cold-boots
+every time with the command run by the VM's init (no user switch, no read-only root, no pids limit, no
+capability drop there).
 """
 
 from __future__ import annotations
@@ -96,7 +106,8 @@ class VmBox:
 
     async def run(self, limits: Limits, feed: Callable[[int, bytes], None],
                   on_started: Callable[[], None]) -> tuple[int | None, bool, dict[str, Any]]:
-        """Run the task; (exit code, timed out, Docker-like state with OOMKilled). Output goes to ``feed``."""
+        """Run the task; (exit code, timed out, Docker-like state with OOMKilled, Pids and DiskFull: "data",
+        "root" or None). Output goes to ``feed``."""
         if self.warm is None:
             return await self._run_plain(limits, feed, on_started)
         from ..hotcell.session import AgentGone
@@ -125,7 +136,8 @@ class VmBox:
                 feed(STDOUT if kind == "out" else STDERR, base64.b64decode(msg.get("b", "")))
             elif kind == "exit":
                 code = int(msg.get("code", -1))
-                return code, False, {"OOMKilled": bool(msg.get("oom")) and code != 0, "Pids": bool(msg.get("pids"))}
+                return code, False, {"OOMKilled": bool(msg.get("oom")) and code != 0, "Pids": bool(msg.get("pids")),
+                                     "DiskFull": msg.get("full")}
 
     async def _run_plain(self, limits: Limits, feed: Callable[[int, bytes], None],
                          on_started: Callable[[], None]) -> tuple[int | None, bool, dict[str, Any]]:
@@ -178,9 +190,13 @@ async def prepare_vm_box(engine: Engine, conf: BoxConf, limits: Limits, task_id:
         return VmBox(warm=None, backend=backend, handle=handle, vm_config=vm_config, payload={})
     payload = {"argv": argv, "env": env, "workdir": workdir, "user": limits.user, "read_only": limits.read_only,
                "tmp_mb": limits.tmp_mb, "pids": limits.pids, "caps": [] if limits.read_only else list(WRITABLE_CAPS),
+               "data_disk": True,
                "stdin": base64.b64encode(stdin).decode() if stdin is not None else None}
     warm_config = vm_config.model_copy(update={"command": VMTASK, "env": [], "workdir": "/"})
-    warm = await start_warm_vm(backend, warm_config, handle, program=VMTASK, guest_ports=[], key_extra=KEY_EXTRA)
+    uid, _, gid = limits.user.partition(":")
+    warm = await start_warm_vm(backend, warm_config, handle, program=VMTASK, guest_ports=[],
+                               key_extra=f"{KEY_EXTRA};data={limits.disk_mb}",
+                               data=(limits.disk_mb, int(uid), int(gid or uid)))
     progress(f"microvm: {'restored from a snapshot' if warm.restored else 'cold-booted'} in "
              f"{warm.timings.start:.2f} s ({warm.accel.upper()}, {vm_config.vcpus} vCPU, {vm_config.memory_mib} MiB)")
     return VmBox(warm=warm, backend=backend, handle=handle, vm_config=vm_config, payload=payload)

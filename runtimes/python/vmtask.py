@@ -14,14 +14,16 @@ paths, a read-only /sys and a /dev of the harmless devices only; it becomes the 
 the ``caps`` capabilities (bounding set included), no ambient ones and no_new_privs (:func:`confine`).
 It forwards the task's output. Messages
 to the host: ``{"t": "out" | "err", "b": BASE64}``, then ``{"t": "exit", "code": N, "oom": bool,
-"pids": bool}``. From the host: ``{"op": "signal", "sig": N}`` (to the whole process group).
+"pids": bool, "full": "data" | null}``. From the host: ``{"op": "signal", "sig": N}`` (to the whole process group).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import io
 import os
 import runpy
@@ -44,6 +46,8 @@ CGROUP = "/sys/fs/cgroup"
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+BLKFLSBUF = 0x1261
+DATA_SERIAL = "hotbox-data"  # hotbox_jupyter.hotcell.qemu.DATA_SERIAL
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
 CAPS = {name: n for n, name in enumerate((
     "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
@@ -102,6 +106,20 @@ def make_cgroup(pids: int) -> str | None:
         return None
 
 
+def full_disk(task: dict) -> str | None:
+    """"data" when the /data drive is (almost) full as the task ends, as the host judges its own disks
+    (hotbox_jupyter.box.storage.disk_full: under 2 MB or 1 % free, or under 4 inodes)."""
+    if not task.get("data_disk"):
+        return None
+    try:
+        st = os.statvfs("/data")
+    except OSError:
+        return None
+    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    full = free < max(2 << 20, size // 100) or (st.f_files > 0 and st.f_favail < 4)
+    return "data" if full else None
+
+
 def pids_hit(group: str | None) -> bool:
     if group is None:
         return False
@@ -112,17 +130,44 @@ def pids_hit(group: str | None) -> bool:
         return False
 
 
+def mount_data_disk() -> None:
+    """The host's fresh ext4 drive of the size's disk_mb (serial DATA_SERIAL) at /data, nosuid,nodev.
+
+    The drive was there when the VM was saved, with another file behind it: its cached blocks go first."""
+    for dev in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{dev}/serial") as f:
+                if f.read().strip() != DATA_SERIAL:
+                    continue
+        except OSError:
+            continue
+        node = f"/dev/{dev}"
+        fd = os.open(node, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, BLKFLSBUF)
+        finally:
+            os.close(fd)
+        must(mount(node, "/data", "ext4", MS_NOSUID | MS_NODEV, None), f"mounting {node} at /data")
+        with contextlib.suppress(OSError):
+            os.rmdir("/data/lost+found")
+        return
+    raise OSError(f"the /data drive (serial {DATA_SERIAL}) is not in this VM")
+
+
 def shape_guest(task: dict) -> str | None:
     """/tmp, /data, the root's writability and the pids cgroup, as a box of the same size has them."""
     uid, _, gid = str(task.get("user", "0:0")).partition(":")
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(task.get('tmp_mb', 64))}m,mode=1777")
     os.makedirs("/data", exist_ok=True)
-    os.chown("/data", int(uid), int(gid or uid))
-    group = make_cgroup(int(task.get("pids", 100)))
-    if task.get("read_only", True):
+    if task.get("data_disk"):
+        mount_data_disk()
+    else:
+        os.chown("/data", int(uid), int(gid or uid))
         # /data becomes a mount of its own, so that making the root's mount read-only (not its file
         # system: MS_BIND) leaves /data writable, as the box's /data disk is.
         mount("/data", "/data", None, MS_BIND, None)
+    group = make_cgroup(int(task.get("pids", 100)))
+    if task.get("read_only", True):
         mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
     return group
 
@@ -395,7 +440,13 @@ def main() -> int:
         except OSError:
             pass
     task = hotbox_warm.wait_for_start()
-    group = shape_guest(task)
+    try:
+        group = shape_guest(task)
+    except OSError as exc:  # e.g. no /data disk: refuse rather than run a box without its limits
+        said = f"hotbox: cannot set up the box: {exc}\n".encode()
+        hotbox_warm.send({"t": "err", "b": base64.b64encode(said).decode()})
+        hotbox_warm.send({"t": "exit", "code": 125, "oom": False, "pids": False})
+        return 0
     uid, _, gid = str(task.get("user", "0:0")).partition(":")
     uid_n, gid_n = int(uid), int(gid or uid)
     caps = list(task.get("caps") or [])
@@ -444,7 +495,8 @@ def main() -> int:
         t.join(timeout=5)
     if code < 0:
         code = 128 - code
-    hotbox_warm.send({"t": "exit", "code": code, "oom": oom_kills() > before, "pids": pids_hit(group)})
+    hotbox_warm.send({"t": "exit", "code": code, "oom": oom_kills() > before, "pids": pids_hit(group),
+                      "full": full_disk(task)})
     return 0
 
 

@@ -35,11 +35,7 @@ KNOWN_HOLES: dict[tuple[str, str], tuple[str, bool]] = {
         "busy pipeline; gVisor's sentry and gofer threads count against the box's pids limit of 100", False),
 }
 _NO_HOT = "/hot is not mounted in a microvm box (virtio-fs is not part of its snapshot)"
-_GUEST_ROOT = ("root in a writable microvm box is root of the guest kernel, with every capability and without "
-               "no-new-privileges: contained by the VM, not by the container's reduced capability set")
 KNOWN_HOLES.update({
-    ("test_data_fill_gets_enospc_and_says_disk", "microvm"): (
-        "/data is a directory on the VM's throw-away root disk, bounded by that disk, not by disk-size", True),
     ("test_writable_root_fill_stops_at_the_size_disk", "microvm"): (
         "the writable root is the VM's root disk, bounded by the image's disk, not by the size's disk", True),
     ("test_writable_root_inode_flood_is_contained", "microvm"): (
@@ -48,13 +44,6 @@ KNOWN_HOLES.update({
     ("test_setuid_file_planted_through_hot_is_inert_on_the_host", "microvm"): (_NO_HOT, True),
     ("test_device_node_through_hot_cannot_be_made", "microvm"): (_NO_HOT, True),
     ("test_symlink_planted_in_hot_is_not_followed_by_the_host", "microvm"): (_NO_HOT, True),
-    ("test_mount_is_denied", "microvm"): (_GUEST_ROOT, True),
-    ("test_chroot_is_denied", "microvm"): (_GUEST_ROOT, True),
-    ("test_device_nodes_cannot_be_made", "microvm"): (_GUEST_ROOT, True),
-    ("test_raw_sockets_are_denied", "microvm"): (_GUEST_ROOT, True),
-    ("test_proc_kcore_and_sysrq_are_masked", "microvm"): (_GUEST_ROOT + "; /proc/kcore is readable", True),
-    ("test_sys_is_read_only", "microvm"): (_GUEST_ROOT + "; /sys is writable (e.g. ksm/run)", True),
-    ("test_setuid_binaries_do_not_elevate", "microvm"): (_GUEST_ROOT + "; a setuid-root program elevates", True),
     ("test_fork_bomb_is_killed_for_pids", "microvm"): (
         "intermittent under TCG and load: the bomb runs into its 30 s timeout (reason timeout) instead of "
         "failing a fork at the guest's pids limit (reason pids)", False),
@@ -64,9 +53,6 @@ KNOWN_HOLES.update({
     ("test_interleaved_tiny_writes_keep_the_journal_bounded", "microvm"): (
         "seen once under load: the result's stdout did not end with the last line written; not yet told "
         "apart from the stdout/stderr reordering the other tiers showed", False),
-    ("test_kill_all_reaches_only_the_box_itself", "microvm"): (
-        "kill -9 -1 by root in the guest also kills the guest's task runner: the box ends with exit code 0 and "
-        "without the output written after it", False),
 })
 
 
