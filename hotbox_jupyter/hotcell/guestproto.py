@@ -189,6 +189,14 @@ class GuestVm(Protocol):
         """What the guest kernel printed (panics), to tell an out-of-memory death from a crash."""
 
 
+def panic_message(kernel_log: str) -> str | None:
+    """"the microVM's kernel panicked: <its panic line>" when the guest kernel's console has one."""
+    for line in kernel_log.splitlines():
+        if "Kernel panic" in line:
+            return f"the microVM's kernel panicked: {line.strip()[:300]}"
+    return None
+
+
 class GuestOutcome:
     """What init reported about the command."""
 

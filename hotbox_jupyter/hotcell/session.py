@@ -28,7 +28,7 @@ from ..frames import FrameDecoder
 from ..models import ExitReason
 from .backend import Accel, VmSession
 from .config import VmConfig
-from .guestproto import GuestOutcome, GuestStream, GuestVm
+from .guestproto import GuestOutcome, GuestStream, GuestVm, panic_message
 from .vmstate import stop_process
 
 __all__ = ["AgentChannel", "AgentGone", "AgentSession", "GuestAgentSession", "ProcessAgentSession", "SessionVm"]
@@ -169,9 +169,9 @@ class AgentSession(VmSession):
                         await self._kill()
                         self._dead = "killed: the cell did not stop after its interrupt"
                         finished = True
+                        why = f"cell ran past its {timeout:g} s timeout and" if timed_out else "cell"
                         yield Exit(reason=ExitReason.TIMEOUT if timed_out else ExitReason.INTERRUPTED,
-                                   exit_code=None, message=f"cell ran past its {timeout:g} s timeout and did not "
-                                   "stop when interrupted: the VM was killed")
+                                   exit_code=None, message=f"{why} did not stop when interrupted: the VM was killed")
                         return
                     else:
                         dead = await self._dead_reason()
@@ -324,6 +324,9 @@ class GuestAgentSession(AgentSession):
                                         f"the OOM killer ended the session agent")
             return ExitReason.ERROR, f"the session agent exited with code {code}: {self.console.strip()[-500:]}"
         if not self._vm.running:
+            panic = panic_message(self._vm.kernel_log())
+            if panic is not None:
+                return ExitReason.ERROR, f"{panic}; QEMU has exited"
             return ExitReason.ERROR, f"the VM stopped; {self._vm.diagnostics()}"
         return None
 

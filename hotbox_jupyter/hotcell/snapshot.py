@@ -59,7 +59,7 @@ from ..errors import ConfigError, HotcellError, VmBootError, VmmUnavailableError
 from ..models import ExitReason
 from .backend import Accel, RootfsHandle, RunInfo, VmmBackend
 from .config import VmConfig
-from .guestproto import GuestOutcome, GuestStream
+from .guestproto import GuestOutcome, GuestStream, panic_message
 from .qemu import QemuBackend, WarmLaunch, _qemu_version, _Vm, find_qemu_img
 from .session import AgentChannel, AgentGone
 
@@ -373,8 +373,11 @@ class WarmVm:
             return ExitReason.ERROR, (f"the guest program exited with code {self._outcome.exit_code}: "
                                       f"{self.console.strip()[-500:]}")
         if not self._vm.running:
-            if "out of memory" in klog:
+            panic = panic_message(self._vm.kernel_log())
+            if "out of memory" in klog and (panic is None or "out of memory" in panic.lower()):
                 return ExitReason.OOM, f"the guest ran out of memory (memory_mib={self._vm.config.memory_mib})"
+            if panic is not None:
+                return ExitReason.ERROR, f"{panic}; QEMU has exited"
             return ExitReason.ERROR, f"the VM stopped; {self._vm.diagnostics()}"
         return None
 

@@ -17,6 +17,10 @@ turns ``shutdown_request`` into stopping the sandbox, and adds a line about the 
 
 A sandbox that dies (OOM, a panic, the container exiting) ends the cell with an ``error`` saying why in
 plain words; the next request starts a fresh sandbox.
+
+An image without ipykernel gets basic Python: the sandbox serves the stdlib agent instead, and
+:class:`~.basic.BasicKernel` answers the requests the guest kernel would (same sockets, heartbeat,
+escalation, death and metering as here).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -36,6 +40,9 @@ from jupyter_client.session import Session
 
 from .metering import KernelMeter
 from .sandbox import GuestAddresses, KernelSandbox, SandboxError
+
+if TYPE_CHECKING:
+    from .basic import BasicKernel
 
 __all__ = ["KernelRelay"]
 
@@ -76,7 +83,9 @@ class _Guest:
     """One running sandbox and the relay's sockets to its kernel."""
 
     sandbox: KernelSandbox
-    addresses: GuestAddresses
+    addresses: GuestAddresses | None
+    basic: BasicKernel | None = None
+    """Set when the image has no ipykernel: basic Python through the stdlib agent."""
     dealers: dict[tuple[str, bytes], zmq.asyncio.Socket] = field(default_factory=dict)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     iopub: zmq.asyncio.Socket | None = None
@@ -183,6 +192,8 @@ class KernelRelay:
         except BaseException:
             self._settle("error")
             raise
+        if not isinstance(addresses, GuestAddresses):
+            return self._basic_guest(sandbox, addresses)
         guest = _Guest(sandbox, addresses)
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -193,6 +204,19 @@ class KernelRelay:
         guest.tasks.append(asyncio.ensure_future(self._watch(guest)))
         self.guest = guest
         log.info("sandbox ready: %s", sandbox.describe())
+        return guest
+
+    def _basic_guest(self, sandbox: KernelSandbox, session: Any) -> _Guest:
+        from .basic import BasicKernel
+
+        guest = _Guest(sandbox, None)
+        image = str(getattr(getattr(sandbox, "options", None), "image", "this image"))
+        guest.basic = BasicKernel(session, image=image, relay=self,
+                                  on_death=lambda reason: self._guest_died(guest, reason), wait_dead=sandbox.wait_dead,
+                                  banner=f"Python (basic: {image} has no ipykernel)\n{sandbox.describe()}\n")
+        guest.tasks.append(asyncio.ensure_future(self._watch(guest)))
+        self.guest = guest
+        log.info("sandbox ready (basic Python, no ipykernel): %s", sandbox.describe())
         return guest
 
     async def _ensure_guest(self, *, retry: bool) -> _Guest:
@@ -222,6 +246,8 @@ class KernelRelay:
 
     async def _guest_died(self, guest: _Guest, reason: str) -> None:
         """Answer every request the dead guest owed, in plain words, then forget the guest."""
+        if self.guest is not guest:
+            return  # already answered (a basic kernel's cell and the watcher may both see the death)
         log.warning("sandbox died: %s", reason)
         self.guest = None
         self._starting = None
@@ -311,6 +337,13 @@ class KernelRelay:
                 "so earlier variables and imports are lost\n")}, header)
         if channel == "control" and msg_type == "interrupt_request":
             self._arm_escalation(guest)
+        if guest.basic is not None:
+            if channel != "stdin":
+                content = json.loads(rest[4]) if len(rest) > 4 else {}
+                task = await guest.basic.handle(channel, _Pending(idents, header), content)
+                if task is not None:
+                    guest.tasks[:] = [t for t in guest.tasks if not t.done()] + [task]
+            return
         await self._dealer(guest, channel, idents[0]).send_multipart(frames[1:], copy=True)
 
     async def _no_guest(self, channel: str, idents: list[bytes], header: dict[str, Any], exc: Exception) -> None:
@@ -358,7 +391,13 @@ class KernelRelay:
         content: dict[str, Any] = {"status": "ok", "restart": False}
         with contextlib.suppress(json.JSONDecodeError, IndexError):
             content["restart"] = bool(json.loads(_split(frames)[1][4]).get("restart", False))
-        if guest is not None:
+        if guest is not None and guest.basic is not None:
+            await self._close_guest_sockets(guest)
+            with contextlib.suppress(Exception):
+                await guest.sandbox.kill()
+            self._settle("exited")
+            await self._reply(_Pending(idents, header), "shutdown_reply", content, channel="control")
+        elif guest is not None:
             # The guest answers (its reader forwards the shutdown_reply) and ends its kernel; the front end
             # kills this process a few seconds after asking, so the sandbox goes at once after the reply.
             self._shutdown_replied = asyncio.Event()

@@ -12,7 +12,9 @@ network unless asked). The kernel's sockets are ZeroMQ ``ipc://`` files in a hos
 bind-mounted into the box, so ``network none`` stays; the directory sits inside a 0700 directory of
 the host user, and the sockets are made with umask 077. The container's stdin stays attached: when
 the host kernel dies, even by SIGKILL, the guest sees its end and exits; the stopped container is then
-removed by the next kernel start (it carries the owner labels every box has).
+removed by the next kernel start (it carries the owner labels every box has). In an image without
+ipykernel the launcher becomes the stdlib agent on the same stdin/stdout, and :meth:`BoxSandbox.start`
+returns a session of it (basic Python, :mod:`.basic`).
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import HotboxError
+
+if TYPE_CHECKING:
+    from ..hotcell.backend import VmSession
+    from .basic import FedStream
 
 __all__ = ["GUEST_LAUNCHER", "BoxSandbox", "GuestAddresses", "KernelOptions", "KernelSandbox", "SandboxError",
            "reap_kernel_dirs"]
@@ -99,8 +105,9 @@ class KernelSandbox(abc.ABC):
     """One sandbox running one guest kernel. The relay calls :meth:`start` once, then the others."""
 
     @abc.abstractmethod
-    async def start(self, *, key: str, signature_scheme: str) -> GuestAddresses:
-        """Start the sandbox and its guest kernel with this session key; return where its sockets are.
+    async def start(self, *, key: str, signature_scheme: str) -> GuestAddresses | VmSession:
+        """Start the sandbox and its guest kernel with this session key; return where its sockets are,
+        or, when the image has no ipykernel, a session of the stdlib agent (basic Python, :mod:`.basic`).
 
         Called by the relay at kernel start and after a sandbox died. Returns once the guest kernel has
         its start payload (its sockets may take a moment more to bind; ZeroMQ queues until then).
@@ -182,6 +189,7 @@ class BoxSandbox(KernelSandbox):
         self._prestarted: concurrent.futures.Future[GuestAddresses] | None = None
         self._is_ready = False
         self._exited = False
+        self._agent: FedStream | None = None
 
     def describe(self) -> str:
         o = self.options
@@ -200,14 +208,28 @@ class BoxSandbox(KernelSandbox):
 
         threading.Thread(target=run, name="hotbox-kernel-prestart", daemon=True).start()
 
-    async def start(self, *, key: str, signature_scheme: str) -> GuestAddresses:
+    async def start(self, *, key: str, signature_scheme: str) -> GuestAddresses | VmSession:
         self._loop = asyncio.get_running_loop()
         if self._exit.is_set():
             self._dead.set()
         try:
             if self._prestarted is not None:
-                return await asyncio.wrap_future(self._prestarted)
-            return await asyncio.to_thread(self._start, key, signature_scheme)
+                addresses = await asyncio.wrap_future(self._prestarted)
+            else:
+                addresses = await asyncio.to_thread(self._start, key, signature_scheme)
+            if self._agent is None:
+                return addresses
+            from ..errors import HotcellError
+            from .basic import BoxAgentSession
+
+            session = BoxAgentSession(self._agent, dead=lambda: self._reason if self._exit.is_set() else None,
+                                      kill=self.kill)
+            try:
+                await session.wait_ready(READY_TIMEOUT_S)
+            except (HotcellError, TimeoutError) as exc:
+                raise SandboxError(f"the image {self.options.image} has no ipykernel, and its basic Python agent "
+                                   f"did not start: {self._reason if self._exit.is_set() else exc}") from exc
+            return session
         except BaseException:
             await asyncio.shield(self.kill())
             raise
@@ -268,7 +290,7 @@ class BoxSandbox(KernelSandbox):
         except OSError as exc:
             raise SandboxError(f"the kernel's container did not take its start payload: {exc}") from exc
         threading.Thread(target=self._pump, name="hotbox-kernel-pump", daemon=True).start()
-        if not self._ready.wait(READY_TIMEOUT_S) or not self._is_ready:
+        if not self._ready.wait(READY_TIMEOUT_S) or not (self._is_ready or self._agent is not None):
             why = (self._death_reason() if self._exited else
                    f"it was not ready within {READY_TIMEOUT_S:g} s; its last output: "
                    f"{' / '.join(self._tail[-5:]) or 'none'}")
@@ -282,10 +304,20 @@ class BoxSandbox(KernelSandbox):
         its end is the container's death."""
         stream = self._stream
         while True:
-            frames = stream.read_frames()
+            try:
+                frames = stream.read_frames()
+            except (OSError, ValueError):  # the stream was closed under us (the sandbox is being removed)
+                frames = None
             if frames is None:
                 break
-            for _, data in frames:
+            for kind, data in frames:
+                if self._agent is not None and kind == 1:  # the agent's channel
+                    self._agent.feed(data if self._agent.fed else data.lstrip(b"\r\n"))
+                    continue
+                cut = data.find(NO_IPYKERNEL.encode()) if kind == 1 else -1
+                if cut >= 0:  # the launcher becomes the agent: what follows this line is its channel
+                    end = data.find(b"\n", cut)
+                    data, rest = (data, b"") if end < 0 else (data[:end + 1], data[end + 1:])
                 for line in data.decode(errors="replace").splitlines():
                     if line.strip() == READY_LINE:
                         self._is_ready = True
@@ -293,6 +325,10 @@ class BoxSandbox(KernelSandbox):
                         continue
                     self._tail = [*self._tail[-40:], line]
                     log.info("guest: %s", line)
+                if cut >= 0:
+                    self._start_agent(rest)
+        if self._agent is not None:
+            self._agent.end()
         self._exited = True
         self._ready.set()
         self._reason = self._death_reason()
@@ -302,11 +338,23 @@ class BoxSandbox(KernelSandbox):
             with contextlib.suppress(RuntimeError):  # the loop may be closed at exit
                 loop.call_soon_threadsafe(self._dead.set)
 
+    def _start_agent(self, first: bytes) -> None:
+        from .basic import FedStream
+
+        stream = self._stream
+
+        def send(data: bytes) -> None:
+            stream.sock.sendall(data)
+
+        self._agent = agent = FedStream(send)
+        agent.feed(first.lstrip(b"\r\n"))
+        self._ready.set()
+
     def _death_reason(self) -> str:
         if self._stopping:
             return "the kernel's container was stopped"
         missing = next((ln for ln in self._tail if NO_IPYKERNEL in ln), None)
-        if missing is not None:
+        if missing is not None and self._agent is None:
             return (f"the image {self.options.image} cannot run a Python kernel "
                     f"({missing.partition(':')[2].strip()}); hotbox/python has ipykernel: "
                     "`hotbox images build python` makes it")

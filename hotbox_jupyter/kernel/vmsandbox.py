@@ -11,6 +11,10 @@ Transport: the guest kernel binds TCP ports in the guest; QEMU forwards each fro
 kernel was installed with ``--network internet``. QEMU runs with PR_SET_PDEATHSIG and an owner token,
 so a host kernel killed by SIGKILL takes its VM along, and the reaper of the next start finds any rest.
 
+An image without ipykernel: the launcher exits saying so before the snapshot point, and the kernel runs
+basic Python in a Hotcell agent session of the same VM config instead (:mod:`.basic`); its start returns
+that session.
+
 ``HOTBOX_KERNEL_SNAPSHOT_EXTRA`` (environment) is added to the snapshot's cache key: a new value means a
 cold boot (the benchmark uses it to measure one).
 """
@@ -23,10 +27,13 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import HotboxError
-from .sandbox import GUEST_LAUNCHER, GuestAddresses, KernelOptions, KernelSandbox, SandboxError
+from .sandbox import GUEST_LAUNCHER, NO_IPYKERNEL, GuestAddresses, KernelOptions, KernelSandbox, SandboxError
+
+if TYPE_CHECKING:
+    from ..hotcell.backend import VmSession
 
 __all__ = ["GUEST_PORTS", "VmSandbox"]
 
@@ -42,6 +49,8 @@ class VmSandbox(KernelSandbox):
     def __init__(self, options: KernelOptions) -> None:
         self.options = options
         self._warm: Any = None
+        self._session: Any = None
+        """The agent session of basic Python (an image without ipykernel)."""
         self._accel = "?"
         self._restored = False
         self._start_s = 0.0
@@ -53,7 +62,7 @@ class VmSandbox(KernelSandbox):
         return (f"Hotcell Python: a {o.size} QEMU microVM ({self._accel}) of {o.image}, network {o.network}, "
                 f"{how} in {self._start_s:.2f} s")
 
-    async def start(self, *, key: str, signature_scheme: str) -> GuestAddresses:
+    async def start(self, *, key: str, signature_scheme: str) -> GuestAddresses | VmSession:
         try:
             return await self._start(key, signature_scheme)
         except BaseException:
@@ -90,7 +99,7 @@ class VmSandbox(KernelSandbox):
         handle = await backend.prepare_rootfs(report.rootfs, config)
         return backend, config, handle
 
-    async def _start(self, key: str, signature_scheme: str) -> GuestAddresses:
+    async def _start(self, key: str, signature_scheme: str) -> GuestAddresses | VmSession:
         import time
 
         from ..paths import GUEST_RUNTIMES
@@ -107,10 +116,23 @@ class VmSandbox(KernelSandbox):
                 backend, config, handle = await self._prepare()
             t_rootfs = time.monotonic()
             program = ["python3", "-u", f"{GUEST_RUNTIMES}/{GUEST_LAUNCHER}", "--warm", str(GUEST_PORTS["shell"])]
-            self._warm = warm = await start_warm_vm(backend, config, handle, program=program,
-                                                    guest_ports=list(GUEST_PORTS.values()),
-                                                    key_extra="hotbox-kernel-1"
-                                                    + os.environ.get("HOTBOX_KERNEL_SNAPSHOT_EXTRA", ""))
+            try:
+                self._warm = warm = await start_warm_vm(backend, config, handle, program=program,
+                                                        guest_ports=list(GUEST_PORTS.values()),
+                                                        key_extra="hotbox-kernel-1"
+                                                        + os.environ.get("HOTBOX_KERNEL_SNAPSHOT_EXTRA", ""))
+            except HotboxError as exc:
+                if NO_IPYKERNEL not in str(exc):
+                    raise
+                # No ipykernel in this image: basic Python in an agent session (tracebacks only as frames).
+                log.info("%s has no ipykernel (%s): starting a basic Python agent session", self.options.image, exc)
+                env = [*config.env, ("HOTBOX_CELL_TRACEBACK", "frame")]
+                self._session = session = await backend.start_session(config.model_copy(update={"env": env}),
+                                                                      handle)
+                session.default_timeout = None  # a kernel's cells run until done or interrupted
+                self._accel = str(session.accel)
+                self._start_s = time.monotonic() - t0
+                return session  # type: ignore[no-any-return]
             self._accel, self._restored = str(warm.accel), bool(warm.restored)
             t_vm = time.monotonic()
             await warm.release({"key": key, "signature_scheme": signature_scheme})
@@ -132,6 +154,8 @@ class VmSandbox(KernelSandbox):
                 return
 
     async def wait_dead(self) -> str:
+        if self._session is not None:
+            return await self._wait_session_dead()
         while True:
             warm = self._warm
             if warm is None:
@@ -141,12 +165,30 @@ class VmSandbox(KernelSandbox):
                 return str(dead[1])
             await asyncio.sleep(0.25)
 
+    async def _wait_session_dead(self) -> str:
+        while True:
+            session = self._session
+            if session is None:
+                return "the microVM was stopped"
+            if not session.alive:
+                dead = await session._dead_reason()
+                return str(dead[1]) if dead is not None else "the microVM stopped"
+            await asyncio.sleep(0.25)
+
     async def stop(self) -> None:
         warm, self._warm = self._warm, None
         if warm is not None:
             await warm.stop()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.stop()
 
     async def kill(self) -> None:
         warm, self._warm = self._warm, None
         if warm is not None:
             await warm.kill()
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(Exception):
+                await session._kill()
+            await session.stop()

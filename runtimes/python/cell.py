@@ -341,11 +341,13 @@ def _user_traceback(exc: BaseException, filename: str) -> list[str]:
 
 
 def report_error(exc: BaseException, filename: str = CELL_FILE) -> None:
-    """Traceback on stderr for the console, and an ``error`` frame for the notebook."""
+    """Traceback on stderr for the console, and an ``error`` frame for the notebook. With
+    ``HOTBOX_CELL_TRACEBACK=frame`` (a kernel, whose front end shows the frame's) only the frame."""
     lines = _user_traceback(exc, filename)
     _flush_streams()
-    sys.stderr.write("".join(lines))
-    sys.stderr.flush()
+    if os.environ.get("HOTBOX_CELL_TRACEBACK") != "frame":
+        sys.stderr.write("".join(lines))
+        sys.stderr.flush()
     evalue = str(exc) if not isinstance(exc, SyntaxError) else (exc.msg or "")
     emit({"t": "error", "ename": type(exc).__name__, "evalue": evalue,
           "traceback": [line.rstrip("\n") for line in lines]})

@@ -14,7 +14,9 @@ signatures pass the relay unchanged).
 The kernel is initialised (shell, history, sockets bound) BEFORE the payload is read, with a throw-away
 key; the payload ``{"key": ..., "signature_scheme": ..., "env": {...}}`` then sets the real key.
 Order of sockets: shell, iopub, stdin, control, hb.
-If ipykernel cannot be imported, it prints ``HOTBOX-NO-IPYKERNEL: <why>`` and exits with status 3; once
+If ipykernel cannot be imported, it prints ``HOTBOX-NO-IPYKERNEL: <why>`` and then, in a box (``--stdin``),
+becomes the stdlib agent (``agent.py``, ``AGENT_PORT=stdio``: basic Python, served to Jupyter by the host
+kernel), in a microVM exits with status 3 (the host starts an agent session instead); once
 the kernel has bound its sockets and is about to serve, it prints ``HOTBOX-KERNEL-READY`` on stdout.
 """
 
@@ -45,8 +47,15 @@ try:
     import IPython  # noqa: F401
     from ipykernel.kernelapp import IPKernelApp
 except ImportError as _exc:
-    print(f"HOTBOX-NO-IPYKERNEL: {_exc}", flush=True)
-    sys.exit(3)
+    sys.stdout.flush()
+    os.write(1, f"HOTBOX-NO-IPYKERNEL: {_exc}\n".encode())  # one write: the line and its end together
+    if sys.argv[1:2] != ["--stdin"]:
+        sys.exit(3)
+    # A box: the stdlib agent serves basic Python on this same stdin/stdout (the host kernel speaks the
+    # Jupyter protocol for it); the start payload it is sent next is a line the agent ignores.
+    _agent = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")
+    os.environ.update(AGENT_PORT="stdio", MPLBACKEND="Agg", HOTBOX_CELL_TRACEBACK="frame")
+    os.execv(sys.executable, [sys.executable, "-u", _agent])
 
 
 READY = b"HOTBOX-KERNEL-READY\n"
