@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import jupyter_kernel_test
 import pytest
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from kernel_protocol import kernelspecs
 
@@ -50,8 +51,12 @@ class Samples(jupyter_kernel_test.KernelTests):
     code_clear_output = "from IPython.display import clear_output; clear_output()"
 
     @classmethod
+    def spec_manager(cls) -> KernelSpecManager:
+        return kernelspecs()
+
+    @classmethod
     def setUpClass(cls) -> None:
-        cls.km = KernelManager(kernel_name=cls.kernel_name, kernel_spec_manager=kernelspecs())
+        cls.km = KernelManager(kernel_name=cls.kernel_name, kernel_spec_manager=cls.spec_manager())
         cls.km.start_kernel(env={**os.environ, "PYTHONWARNINGS": "ignore"})
         cls.kc = cls.km.client()
         cls.kc.start_channels()

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from kernel_protocol import execute, kernelspecs, running_kernel
 
@@ -70,12 +71,13 @@ def clean_up(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def sandboxed_kernel(name: str) -> Iterator[tuple[KernelManager, BlockingKernelClient, int]]:
+def sandboxed_kernel(name: str, ksm: KernelSpecManager | None = None, ready_timeout: float | None = None,
+                     ) -> Iterator[tuple[KernelManager, BlockingKernelClient, int]]:
     """A running kernel of kind ``name``; afterwards its sandbox must be gone."""
-    km = KernelManager(kernel_name=name, kernel_spec_manager=kernelspecs())
+    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm or kernelspecs())
     pid = -1
     try:
-        with running_kernel(km, ready_timeout=READY[name]) as (kc, pid):
+        with running_kernel(km, ready_timeout=ready_timeout or READY.get(name, 60)) as (kc, pid):
             yield km, kc, pid
         deadline = time.monotonic() + 15
         while leftovers(pid) and time.monotonic() < deadline:
@@ -170,9 +172,8 @@ def wait_for_output(kc: BlockingKernelClient, msg_id: str, text: str, timeout: f
             return
 
 
-def test_interrupt_stops_the_cell_and_keeps_state(kernel: Any) -> None:
-    _name, km, kc, _pid = kernel
-    assert execute(kc, "kept = 'still here'")["status"] == "ok"
+def interrupt_a_running_cell(km: KernelManager, kc: BlockingKernelClient) -> None:
+    """Interrupt a cell once it runs; its reply must say KeyboardInterrupt."""
     msg_id = kc.execute("import time\nprint('started', flush=True)\nfor _ in range(600): time.sleep(0.1)")
     wait_for_output(kc, msg_id, "started")
     km.interrupt_kernel()
@@ -180,6 +181,12 @@ def test_interrupt_stops_the_cell_and_keeps_state(kernel: Any) -> None:
     while reply["parent_header"].get("msg_id") != msg_id:
         reply = kc.get_shell_msg(timeout=30)
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+
+
+def test_interrupt_stops_the_cell_and_keeps_state(kernel: Any) -> None:
+    _name, km, kc, _pid = kernel
+    assert execute(kc, "kept = 'still here'")["status"] == "ok"
+    interrupt_a_running_cell(km, kc)
     assert value(execute(kc, "kept")) == "'still here'"
 
 
