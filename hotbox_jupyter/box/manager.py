@@ -360,6 +360,8 @@ class TaskManager:
                         inspected = await self._thread(engine.inspect, task.container_id)
                         info = inspected or {}
                         state = info.get("State")
+                        # A swarm box's wrapper that would not run it on its node says why (box/swarm.py).
+                        error = error or (state or {}).get("Refused")
                 full = await self._thread(self._full_disk, engine, task, disk, info)
                 if task.container_id is not None:
                     with contextlib.suppress(HotboxError):

@@ -19,6 +19,10 @@ small POSIX-sh wrapper in front of the command checks inside the box before the 
   The wrapper refuses to run if the box sees any other interface, so a misconfigured node fails
   closed instead of giving egress;
 * **stdin**: services cannot be attached to; the bytes travel base64-encoded in the environment;
+* **a writable root's size**: a service cannot ask for the size of its container's layer; the node caps it
+  (its runtime ``runtimes/swarm/hotbox-runc`` puts the root on a disk of the size's ``disk_mb``, or
+  ``overlay2.size`` on xfs with project quotas), and the wrapper refuses to run a writable box whose ``/``
+  is bigger than that, so a node without the cap fails closed; it reports a full root at the end (reason disk);
 * **OOM**: the manager's task status says only "exit 137"; the wrapper reads the memory cgroup's
   ``oom_kill`` counter after the command and reports it, with the exit code, in a last stderr line
   marked with a per-box nonce, which :class:`LogStream` strips from the console. The same mark ends
@@ -47,7 +51,7 @@ import docker
 import docker.errors
 import docker.tls
 
-from ..errors import ConfigError, EngineUnavailableError, HotboxError, ImageError, LimitError
+from ..errors import ConfigError, EngineUnavailableError, HotboxError, ImageError
 from ..owner import LABEL_MANAGED
 from ..paths import GUEST_RUNTIMES, runtimes_dir
 from ..settings import Cluster
@@ -85,7 +89,8 @@ FIX_SWARM = ("point [hot.cluster] manager (or DOCKER_HOST with HOTBOX_ENGINE=swa
 
 # The wrapper (POSIX sh; argv after it is the box's command). Comments would travel in every spec.
 WRAPPER = r"""m="$HOTBOX_MARK"; unset HOTBOX_MARK
-fail() { echo "hotbox: $1" >&2; printf '%s exit=125 oom=0\n' "$m" >&2; printf '%s\n' "$m"; exit 125; }
+fail() { echo "hotbox: $1" >&2; printf '%s exit=125 oom=0 root_full=0 refused=%s\n' "$m" "$1" >&2; printf '%s\n' "$m"
+  exit 125; }
 if [ "$HOTBOX_NET" = none ]; then
   for i in /sys/class/net/*; do n=${i##*/}; [ "$n" = lo ] || [ "$n" = '*' ] || fail "refusing to run: \
 network=none but this node gave the box the interface $n (run the node's dockerd with --bridge=none)"; done
@@ -97,6 +102,16 @@ if [ -n "$pre" ]; then
   command -v setpriv >/dev/null 2>&1 || fail "refusing to run: \
 this node does not set no-new-privileges (run its dockerd with --no-new-privileges)"
   pre="setpriv --no-new-privs --"
+fi
+r="$HOTBOX_ROOT_MB"; unset HOTBOX_ROOT_MB
+rootkb() { df -Pk / 2>/dev/null | { read -r _; read -r _ size _ avail _; echo "${size:-0} ${avail:-0}"; }; }
+if [ -n "$r" ]; then
+  command -v df >/dev/null 2>&1 || fail "refusing to run: writable=True, and the image has no df to check the \
+cap on /"
+  k=$(rootkb); size=${k%% *}
+  [ "$size" -gt 0 ] && [ "$size" -le $((r*1024)) ] || fail "refusing to run: writable=True, but this node does not \
+cap the box's root filesystem at its disk size of $r MB (/ has $((size/1024)) MB); run writable boxes on nodes whose \
+dockerd uses hotbox-runc, or overlay2.size on xfs with pquota (docs/scale-out.md)"
 fi
 [ -n "$HOTBOX_PATH_PREFIX" ] && PATH="$HOTBOX_PATH_PREFIX:$PATH" && export PATH
 unset HOTBOX_PATH_PREFIX
@@ -113,7 +128,12 @@ for f in /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events; 
   [ -r "$f" ] || continue
   while read -r k v; do [ "$k" = oom_kill ] && [ "${v:-0}" -gt 0 ] && oom=1; done < "$f"
 done
-printf '%s exit=%s oom=%s\n' "$m" "$rc" "$oom" >&2
+full=0
+if [ -n "$r" ]; then
+  k=$(rootkb); size=${k%% *}; avail=${k##* }
+  [ "$avail" -lt 2048 ] || [ "$avail" -lt $((size/100)) ] && full=1
+fi
+printf '%s exit=%s oom=%s root_full=%s\n' "$m" "$rc" "$oom" "$full" >&2
 printf '%s\n' "$m"
 exit $rc
 """
@@ -150,6 +170,8 @@ class _Box:
     removed: bool = False
     oom: bool | None = None
     wrapper_exit: int | None = None
+    root_full: bool = False
+    refused: str | None = None  # why the wrapper would not run the box on its node
     ended: threading.Event = field(default_factory=threading.Event)
 
 
@@ -342,13 +364,9 @@ class SwarmEngine(Engine):
     def create(self, spec: BoxSpec) -> str:
         """Create the box's service; its task is scheduled at once. Returns the service id.
 
-        A writable box is refused (LimitError): its root would grow on a node's disk with no cap, and the
-        cap (a disk mounted over the container's layer, see :class:`~hotbox_jupyter.box.storage.RootDisk`)
-        needs the engine's host.
+        A writable box's root is capped by its node (``hotbox-runc``, or ``overlay2.size`` on xfs), which the
+        service cannot ask for: the wrapper refuses to run it where ``/`` is bigger than the size's disk.
         """
-        if not spec.limits.read_only:
-            raise LimitError(f"the writable root's size of {spec.limits.disk_mb} MB cannot be enforced on a swarm "
-                             "node; run writable boxes on the local engine")
         mark = f"\x1ehotbox-end-{secrets.token_hex(8)}"
         body = self.service_spec(spec, mark)
         with _swarm_translated(f"creating the service of task {spec.task_id}"):
@@ -377,12 +395,19 @@ class SwarmEngine(Engine):
         return box.wrapper_exit if box.wrapper_exit is not None else -1
 
     def inspect(self, cid: str) -> dict[str, Any] | None:
-        """A container-like view for the task manager: State.OOMKilled from the wrapper, NodeLost from the manager."""
+        """A container-like view for the task manager: State.OOMKilled, RootFull and Refused from the wrapper,
+        NodeLost from the manager."""
         box = self._boxes.get(cid)
         if box is None:
             return None
+        refused = f"the box's node (node {box.node_id}) would not run it: {box.refused}" if box.refused else None
         return {"State": {"OOMKilled": bool(box.oom), "ExitCode": box.exit_code, "NodeLost": box.node_lost,
-                          "Status": box.state, "NodeID": box.node_id}}
+                          "Status": box.state, "NodeID": box.node_id, "RootFull": box.root_full,
+                          "Refused": refused}}
+
+    def root_disk_full(self, info: dict[str, Any]) -> bool:
+        """Whether the wrapper found the box's capped root filesystem full as the box ended."""
+        return bool((info.get("State") or {}).get("RootFull"))
 
     def kill(self, cid: str, signal: str) -> None:
         """Stop the box: removing its service stops the task (SIGTERM, then SIGKILL after the grace period)."""
@@ -415,6 +440,8 @@ class SwarmEngine(Engine):
                                       "image's CMD, since the wrapper runs in front of it")
         env = {**spec.extra_env, **conf.env, "HOTBOX_MARK": mark, "HOTBOX_NET": conf.network,
                "HOTBOX_PATH_PREFIX": f"{GUEST_RUNTIMES}/bin"}
+        if not lim.read_only:  # the wrapper checks the node's cap on /; hotbox-runc on the node sets it
+            env["HOTBOX_ROOT_MB"] = str(lim.disk_mb)
         if spec.stdin_data is not None:
             if len(spec.stdin_data) > MAX_STDIN:
                 raise ConfigError.invalid("stdin", f"{len(spec.stdin_data)} bytes", f"at most {MAX_STDIN} bytes on the "
@@ -529,6 +556,9 @@ class SwarmEngine(Engine):
         with contextlib.suppress(ValueError):
             box.wrapper_exit = int(fields.get("exit", ""))
         box.oom = fields.get("oom") == "1"
+        box.root_full = fields.get("root_full") == "1"
+        if "refused=" in line:
+            box.refused = line.split("refused=", 1)[1].strip()
 
     def _remove_service(self, cid: str) -> None:
         box = self._boxes.get(cid)

@@ -13,6 +13,11 @@ without a network has only ``lo``), ``--no-new-privileges`` (the 20.10 service A
 and their own ``--cgroup-parent`` so that teardown finds every process a node started, even after its
 engine was killed.
 
+Each engine's default OCI runtime is ``runtimes/swarm/hotbox-runc``, which puts a writable box's root on
+a disk of its size (a service cannot ask for a size of its container's layer, and this kernel has no xfs
+quotas for ``--storage-opt overlay2.size``; see docs/scale-out.md). Its data-root lives on this machine's
+disk, under the lab's base directory.
+
 :meth:`SwarmLab.close` removes everything: services, swarm state, engines (by pidfile), leftover
 container processes (by cgroup), namespaces, data directories. It runs also when start-up failed.
 """
@@ -36,6 +41,7 @@ SUBNET = "10.99.0"
 HUB_IP = f"{SUBNET}.254"
 REGISTRY = f"{HUB_IP}:5000"
 NETNS_DIR = Path("/var/run/netns")
+NODE_RUNTIME = Path(__file__).resolve().parents[2] / "runtimes" / "swarm" / "hotbox-runc"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -115,7 +121,8 @@ def _dockerd_argv(node: Node) -> list[str]:
             "--pidfile", str(node.pidfile), "-H", node.docker_host,
             "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip6tables=false",
             "--no-new-privileges", "--cgroup-parent", node.cgroup_parent,
-            "--insecure-registry", f"{SUBNET}.0/24", "--storage-driver", "overlay2", "--log-level", "warn"]
+            "--insecure-registry", f"{SUBNET}.0/24", "--storage-driver", "overlay2",
+            "--add-runtime", f"hotbox-runc={NODE_RUNTIME}", "--default-runtime", "hotbox-runc", "--log-level", "warn"]
 
 
 @dataclass
@@ -319,8 +326,8 @@ class SwarmLab:
             _kill_pidfile(node.run / "exec" / "containerd" / "containerd.pid")
             self._kill_cgroup(node)
             self._kill_in_netns(node.ns)
-            self._unmount_under(node.root)
             self._unmount_under(node.run)
+            self._unmount_under(node.root)  # writable boxes' root disks, if a task was cut short
         if self.registry_proc is not None:
             _kill_pid(self.registry_proc.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -379,5 +386,8 @@ class SwarmLab:
         with open("/proc/self/mounts") as f:
             points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
         for mp in sorted(points, key=len, reverse=True):
-            _sh("umount", "-l", mp, check=False)
+            # A plain umount frees a loop device (autoclear) at once; lazy only if something still holds it.
+            _sh("umount", mp, check=False, timeout=30)
+            if os.path.ismount(mp):
+                _sh("umount", "-l", mp, check=False)
 

@@ -16,11 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import docker
+import docker.errors
 import pytest
 from cluster import SUBNET, Node, SwarmLab
 
 from hotbox_jupyter import box
+from hotbox_jupyter.box.engine import WRITABLE_CAPS
 from hotbox_jupyter.box.storage import read_text
+from hotbox_jupyter.box.swarm import wrapper_command
 from hotbox_jupyter.errors import BoxFailedError, ConfigError, EngineUnavailableError, QuotaExceededError
 from hotbox_jupyter.events import Exit, StdoutChunk
 from hotbox_jupyter.models import BoxConf, ExitReason, TaskResult, TaskStatus
@@ -148,12 +152,69 @@ def test_security_model_and_no_egress_hold_on_every_node(lab: SwarmLab, swarm_pr
     assert seen & {"n2", "n3"}, f"no box ran on a worker node: {seen}"
 
 
-def test_writable_box_is_refused_clearly(lab: SwarmLab, swarm_project: Path) -> None:
-    # Its root could grow on the node's disk without a cap (the local engine caps it with a disk mounted over
-    # the container's layer, which needs the engine's host): refused rather than weaker.
-    r = _wait(box.start({"image": SHELL, "size": "nano", "writable": True, "script": "id -u"}).id)
-    assert not r.ok and "writable root" in r.message and "swarm" in r.message, r.message
-    assert r.console_output == ""
+_CAP_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7,
+             "NET_BIND_SERVICE": 10}
+_WRITABLE = textwrap.dedent(r"""
+    grep -m1 pids /proc/self/cgroup
+    echo "uid=$(id -u)"
+    grep -E '^(CapEff|NoNewPrivs):' /proc/self/status | tr -d '\t' | sed 's/:/=/'
+    echo "root_kb=$(df -Pk / | tail -1 | tr -s ' ' | cut -d' ' -f2)"
+    touch /etc/owned && echo write_root=OK
+    cp /usr/bin/id /usr/local/bin/sid && chmod 4755 /usr/local/bin/sid
+    echo "sid=$(setpriv --reuid 65534 --regid 65534 --clear-groups /usr/local/bin/sid -u)"
+    mknod /tmp/mem c 1 1 2>/dev/null && echo mknod=OK || echo mknod=denied
+    dd if=/dev/zero of=/fill bs=1M count=400 2>/tmp/dd.err; rc=$?
+    echo "dd_rc=$rc"; echo "fill_kb=$(du -k /fill | cut -f1)"; cat /tmp/dd.err >&2
+    exit $rc
+""")
+
+
+def _root_disks(node: Node) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if str(node.root) in line and "hotbox-root" in line]
+
+
+def test_writable_box_on_a_worker_keeps_its_caps_and_its_root_is_capped(lab: SwarmLab, swarm_project: Path) -> None:
+    # The node's runtime (hotbox-runc) puts the root on a disk of the size's disk_mb; past it: ENOSPC, reason disk.
+    lim = BoxConf(image=SHELL, size="nano", writable=True).limits()
+    infos = [box.start({"image": SHELL, "size": "nano", "writable": True, "cmd": ["sh", "-c", _WRITABLE]})
+             for _ in range(3)]
+    results = [_wait(i.id) for i in infos]
+    on_worker = [r for r in results if _node(lab, r) in lab.workers]
+    assert on_worker, f"no writable box ran on a worker: {[_node(lab, r).name for r in results]}"
+    for r in results:
+        p = _probe(r.stdout)
+        assert p["uid"] == "0" and p["write_root"] == "OK", (r.message, r.console_output)
+        assert int(p["CapEff"], 16) == sum(1 << _CAP_BITS[c] for c in WRITABLE_CAPS) and p["NoNewPrivs"] == "1", p
+        assert p["sid"] == "65534" and p["mknod"] == "denied", p  # setuid does not elevate; no devices
+        assert 0 < int(p["root_kb"]) <= lim.disk_mb << 10, p
+        assert p["dd_rc"] != "0" and int(p["fill_kb"]) <= lim.disk_mb << 10, p  # stopped at the cap
+        assert "No space left on device" in r.stderr
+        assert r.reason is ExitReason.DISK and "disk full" in r.message and "writable root" in r.message, r.message
+    for node in lab.nodes:  # the root disks went with their boxes
+        assert not _root_disks(node), _root_disks(node)
+    # What the wrapper cannot check, it does not run: here df cannot be found (PATH is the box's).
+    r = _wait(box.start({"image": SHELL, "size": "nano", "writable": True, "env": {"PATH": "/nowhere"},
+                         "script": "echo RAN"}).id)
+    assert r.reason is ExitReason.ERROR and "RAN" not in r.stdout, r
+    assert "would not run it" in r.message and "no df to check the cap on /" in r.message, r.message
+
+
+def test_wrapper_refuses_a_writable_box_on_a_node_without_the_cap(lab: SwarmLab) -> None:
+    # A node whose engine does not cap the root (here: this machine's engine, / is its whole disk) never
+    # runs a writable box's command: the wrapper compares statvfs of / with the size's disk.
+    client = docker.from_env()
+    try:
+        out = client.containers.run(SHELL, wrapper_command(["echo", "RAN"]), remove=True, stdout=True, stderr=True,
+                                    environment={"HOTBOX_MARK": "@@", "HOTBOX_NET": "none", "HOTBOX_ROOT_MB": "256"},
+                                    network_mode="none", security_opt=["no-new-privileges"], read_only=True)
+        raise AssertionError(f"the wrapper ran the box: {out!r}")
+    except docker.errors.ContainerError as exc:
+        err = exc.stderr.decode() if exc.stderr else ""
+        assert exc.exit_status == 125 and "does not cap the box's root filesystem at its disk size of 256 MB" in err
+        assert "refused=refusing to run" in err
+    finally:
+        client.close()
 
 
 # -- the same API and reasons ---------------------------------------------------------------------
