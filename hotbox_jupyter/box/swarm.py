@@ -78,6 +78,8 @@ POLL_S = 0.1
 # One environment variable may hold 128 KiB (MAX_ARG_STRLEN); base64 makes 4 bytes of 3.
 MAX_STDIN = 96 * 1024
 MANAGER_GRACE_S = 30  # the manager may not answer this long before the boxes it runs are given up
+# The API version asked for before the manager's is known (Docker 20.10); then the manager's own is used.
+MIN_API_VERSION = "1.41"
 DIGEST_TTL_S = 60  # how long a tag's digest is trusted before asking the registry again
 NODE_POLL_S = 0.5
 # After the task ended without the wrapper's last line (it was killed), how long to wait for stragglers.
@@ -694,11 +696,48 @@ def _client(cluster: Cluster, address: str) -> docker.DockerClient:
                 raise ConfigError.invalid(f"hot.cluster.{name}", str(path), "an existing PEM file")
         tls = docker.tls.TLSConfig(client_cert=(str(cert), str(key)), ca_cert=str(ca), verify=True)
         address = address.replace("tcp://", "https://", 1)
-    with _swarm_translated(f"connecting to the swarm manager at {address}"):
+    with _swarm_translated(f"connecting to the swarm manager at {address}"), _tls_explained(cluster, address):
         _probe(address)  # a plain message for "nothing listens there", and no socket leaked by docker-py
         if files is None and address == os.environ.get("DOCKER_HOST"):
-            return docker.from_env(timeout=120)  # DOCKER_TLS_VERIFY / DOCKER_CERT_PATH apply
-        return docker.DockerClient(base_url=address, tls=tls, timeout=120)
+            # DOCKER_TLS_VERIFY / DOCKER_CERT_PATH apply
+            client = docker.from_env(timeout=120, version=MIN_API_VERSION)
+        else:
+            client = docker.DockerClient(base_url=address, tls=tls, timeout=120, version=MIN_API_VERSION)
+        try:
+            if client.api.verify not in (True, False, None):
+                # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace a session's CA: not the manager's.
+                client.api.trust_env = False
+            client.api._version = client.api._retrieve_server_version()
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+
+@contextlib.contextmanager
+def _tls_explained(cluster: Cluster, address: str) -> Any:
+    """A TLS failure with the manager, said in terms of the [hot.cluster] field that is wrong."""
+    try:
+        yield
+    except (docker.errors.DockerException, OSError) as exc:
+        text = str(exc)
+        where = f"the swarm manager at {address}"
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            raise EngineUnavailableError(
+                f"{where} presents a certificate that hot.cluster.tls_ca ({cluster.tls_ca}) does not verify "
+                f"(not signed by that CA, or not for this address); give the CA that signed the manager's "
+                f"certificate ({text})") from exc
+        if any(s in text for s in ("alert bad certificate", "alert unknown ca", "certificate required",
+                                   "alert certificate unknown")):
+            raise EngineUnavailableError(
+                f"{where} refused the client certificate hot.cluster.tls_cert ({cluster.tls_cert}): the manager "
+                f"does not trust the CA that signed it; give a certificate signed by the manager's --tlscacert "
+                f"({text})") from exc
+        if "HTTP request to an HTTPS server" in text:
+            raise EngineUnavailableError(
+                f"{where} speaks TLS only: set hot.cluster.tls_ca, tls_cert and tls_key (or DOCKER_TLS_VERIFY "
+                f"and DOCKER_CERT_PATH with DOCKER_HOST) ({text})") from exc
+        raise
 
 
 @contextlib.contextmanager

@@ -13,6 +13,9 @@ without a network has only ``lo``), ``--no-new-privileges`` (the 20.10 service A
 and their own ``--cgroup-parent`` so that teardown finds every process a node started, even after its
 engine was killed.
 
+A node's own NAT (one MASQUERADE rule in its namespace, what ``--iptables`` would add) lets boxes with
+network="internet" reach the lab's network (the hub, other nodes) through the gateway bridge.
+
 Each engine's default OCI runtime is ``runtimes/swarm/hotbox-runc``, which puts a writable box's root on
 a disk of its size (a service cannot ask for a size of its container's layer, and this kernel has no xfs
 quotas for ``--storage-opt overlay2.size``; see docs/scale-out.md). Its data-root lives on this machine's
@@ -36,10 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
+from tlsfiles import make_tls_files
 
 SUBNET = "10.99.0"
 HUB_IP = f"{SUBNET}.254"
 REGISTRY = f"{HUB_IP}:5000"
+TLS_PORT = 2376
 NETNS_DIR = Path("/var/run/netns")
 NODE_RUNTIME = Path(__file__).resolve().parents[2] / "runtimes" / "swarm" / "hotbox-runc"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -114,15 +119,20 @@ class Node:
         return _sh("docker", "-H", self.docker_host, *args, check=check, stdin=stdin, timeout=timeout)
 
 
-def _dockerd_argv(node: Node) -> list[str]:
-    """A node's engine: its own everything, no default bridge, no-new-privileges for every container."""
+def _dockerd_argv(node: Node, tls: Path | None = None) -> list[str]:
+    """A node's engine: its own everything, no default bridge, no-new-privileges for every container;
+    with ``tls`` (a directory of make_tls_files) also on tcp://ADDR:2376, verifying client certificates."""
+    listen = [] if tls is None else ["-H", f"tcp://{node.ip}:{TLS_PORT}", "--tlsverify", "--tlscacert",
+                                     str(tls / "ca.pem"), "--tlscert", str(tls / "server-cert.pem"),
+                                     "--tlskey", str(tls / "server-key.pem")]
     return ["nsenter", f"--net={NETNS_DIR / node.ns}", "dockerd",
             "--data-root", str(node.root / "data"), "--exec-root", str(node.run / "exec"),
             "--pidfile", str(node.pidfile), "-H", node.docker_host,
             "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip6tables=false",
             "--no-new-privileges", "--cgroup-parent", node.cgroup_parent,
             "--insecure-registry", f"{SUBNET}.0/24", "--storage-driver", "overlay2",
-            "--add-runtime", f"hotbox-runc={NODE_RUNTIME}", "--default-runtime", "hotbox-runc", "--log-level", "warn"]
+            "--add-runtime", f"hotbox-runc={NODE_RUNTIME}", "--default-runtime", "hotbox-runc", "--log-level", "warn",
+            *listen]
 
 
 @dataclass
@@ -149,6 +159,16 @@ class SwarmLab:
         return self.nodes[1:]
 
     @property
+    def tls(self) -> Path:
+        """The lab's PEM files (tlsfiles.make_tls_files); the manager's engine also listens on
+        :attr:`tls_address` with --tlsverify, reachable from the lab's namespaces only (e.g. the hub)."""
+        return self.base / "tls"
+
+    @property
+    def tls_address(self) -> str:
+        return f"tcp://{self.manager.ip}:{TLS_PORT}"
+
+    @property
     def registry(self) -> str:
         return REGISTRY
 
@@ -168,6 +188,7 @@ class SwarmLab:
         """Build the network, start the registry and the engines, form the swarm, publish ``images``."""
         try:
             self.shared.mkdir(parents=True, exist_ok=True)
+            make_tls_files(self.tls, f"{SUBNET}.1")
             self._network()
             self._registry()
             for node in self.nodes:
@@ -202,6 +223,10 @@ class SwarmLab:
             _in_ns(ns, "ip", "link", "set", f"eth{i}", "name", "eth0")
             _in_ns(ns, "ip", "addr", "add", f"{SUBNET}.{i}/24", "dev", "eth0")
             _in_ns(ns, "ip", "link", "set", "eth0", "up")
+            # The node's NAT to its LAN, as dockerd with --iptables makes it for docker_gwbridge: the way out of
+            # network="internet" boxes (overlay + gateway bridge). Only in the node's namespace.
+            _in_ns(ns, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "172.16.0.0/12", "-o", "eth0",
+                   "-j", "MASQUERADE")
             run = Path(f"/run/hbsw{self.tag}/n{i}")
             run.mkdir(parents=True, exist_ok=True)
             self.nodes.append(Node(name=f"n{i}", ns=ns, ip=f"{SUBNET}.{i}", root=self.base / f"n{i}", run=run))
@@ -231,7 +256,7 @@ class SwarmLab:
         log = open(node.root / "dockerd.log", "wb")  # noqa: SIM115 - the child keeps it
         with log:
             node.proc = subprocess.Popen(
-                _dockerd_argv(node),
+                _dockerd_argv(node, self.tls if node is self.manager else None),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _wait_engine(self, node: Node, timeout: float = 60) -> None:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,49 @@ def test_wrapper_refuses_a_writable_box_on_a_node_without_the_cap(lab: SwarmLab)
         client.close()
 
 
+_REACH = textwrap.dedent(r"""
+    echo "ifaces=$(ls /sys/class/net | tr '\n' ' ')"
+    perl -MIO::Socket::INET -e '
+        my $s = IO::Socket::INET->new(PeerAddr => $ARGV[0], Timeout => 3);
+        if ($s) { print $s "GET /v2/ HTTP/1.0\r\n\r\n"; my $l = <$s>; $l =~ s/\s+$//; print "registry=$l\n" }
+        else { print "registry=failed\n" }
+        for (@ARGV[1..$#ARGV]) { my $c = IO::Socket::INET->new(PeerAddr => $_, Timeout => 3);
+            print "connect:$_=", ($c ? "OK" : "failed"), "\n" }' "$@"
+""")
+
+
+def test_internet_box_reaches_the_network_and_a_none_box_does_not(lab: SwarmLab, swarm_project: Path) -> None:
+    # The hub's registry stands for "the internet" (this machine has none); another node's swarm port too.
+    targets = [f"{SUBNET}.254:5000", f"{SUBNET}.2:7946", f"{SUBNET}.3:7946"]
+    t0 = time.monotonic()
+    net = box.start({"image": SHELL, "size": "nano", "network": "internet", "cmd": ["sh", "-c", _REACH, "reach",
+                                                                                      *targets]})
+    none = box.start({"image": SHELL, "size": "nano", "cmd": ["sh", "-c", _REACH, "reach", *targets]})
+    first_byte: dict[str, float] = {}
+
+    def follow(name: str, stream_id: str) -> None:
+        for ev in box.events(stream_id):
+            if isinstance(ev, StdoutChunk):
+                first_byte.setdefault(name, time.monotonic() - t0)
+
+    followers = [threading.Thread(target=follow, args=a) for a in (("internet", net.stream_id),
+                                                                    ("none", none.stream_id))]
+    for f in followers:
+        f.start()
+    r, rn = _wait(net.id), _wait(none.id)
+    for f in followers:
+        f.join(30)
+    # The report's figure (pytest -s): the first internet box of the swarm attaches the overlay network.
+    print(f"create -> first byte: network=internet (first) {first_byte['internet']:.2f} s, "
+          f"network=none {first_byte['none']:.2f} s")
+    p, pn = _probe(r.stdout), _probe(rn.stdout)
+    assert r.ok and p["ifaces"].split() != ["lo"], (r.message, r.console_output)
+    assert p["registry"].startswith("HTTP/1.") and " 200" in p["registry"], p
+    assert {k: v for k, v in p.items() if k.startswith("connect:")} == {f"connect:{t}": "OK" for t in targets[1:]}
+    assert rn.ok and pn["ifaces"].split() == ["lo"] and pn["registry"] == "failed", pn
+    assert {v for k, v in pn.items() if k.startswith("connect:")} == {"failed"}, pn
+
+
 # -- the same API and reasons ---------------------------------------------------------------------
 
 def test_console_is_live_stdin_and_exit_codes(lab: SwarmLab, swarm_project: Path) -> None:
@@ -355,6 +399,47 @@ def test_unreachable_manager_is_a_clear_error(lab: SwarmLab, swarm_project: Path
     box._reset_for_tests()
     with pytest.raises(EngineUnavailableError, match="is not a swarm manager"):
         box.start({"image": SHELL, "cmd": ["true"]})
+
+
+_TLS_CLIENT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from hotbox_jupyter import box
+    from hotbox_jupyter.box.swarm import SwarmEngine
+    from hotbox_jupyter.errors import HotboxError
+    from hotbox_jupyter.settings import Cluster
+    address, tls = sys.argv[1], Path(sys.argv[2])
+    r = box.run({"image": "hotbox/shell", "size": "nano", "script": "grep -m1 pids /proc/self/cgroup; echo via-tls"})
+    out = {"ok": r.ok, "stdout": r.stdout, "manager": box._get_manager()._engine.address}
+    for case, files in {"wrong_ca": ("other-ca", "client-cert", "client-key"),
+                        "untrusted_client": ("ca", "other-client-cert", "other-client-key"), "plain": None}.items():
+        kw = {} if files is None else dict(zip(("tls_ca", "tls_cert", "tls_key"), (tls / f"{f}.pem" for f in files)))
+        try:
+            SwarmEngine(Cluster(engine="swarm", manager=address, **kw)).close()
+            out[case] = "connected"
+        except HotboxError as exc:
+            out[case] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(out))
+""")
+
+
+def test_boxes_run_through_the_managers_tls_endpoint(lab: SwarmLab, swarm_project: Path) -> None:
+    # The manager's engine listens on tcp://10.99.0.1:2376 with --tlsverify; that address is inside the lab's
+    # namespaces, so the notebook side runs in the hub's (nsenter), configured by hot.toml as a team would.
+    (swarm_project / "hot.toml").write_text(
+        f'[hot.cluster]\nengine = "swarm"\nmanager = "{lab.tls_address}"\ntls_ca = "{lab.tls}/ca.pem"\n'
+        f'tls_cert = "{lab.tls}/client-cert.pem"\ntls_key = "{lab.tls}/client-key.pem"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("DOCKER_HOST", "HOTBOX_ENGINE")}
+    proc = subprocess.run(["nsenter", f"--net=/var/run/netns/{lab.hub}", sys.executable, "-c", _TLS_CLIENT,
+                           lab.tls_address, str(lab.tls)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["ok"] and "via-tls" in out["stdout"] and lab.node_of_cgroup(out["stdout"]), out
+    assert out["manager"] == lab.tls_address
+    assert out["wrong_ca"].startswith("EngineUnavailableError") and "hot.cluster.tls_ca" in out["wrong_ca"], out
+    assert "CERTIFICATE_VERIFY_FAILED" in out["wrong_ca"]
+    assert "refused the client certificate hot.cluster.tls_cert" in out["untrusted_client"], out
+    assert "speaks TLS only: set hot.cluster.tls_ca, tls_cert and tls_key" in out["plain"], out
 
 
 def test_the_reaper_removes_services_of_a_crashed_notebook(lab: SwarmLab, swarm_project: Path) -> None:
