@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ sys.path.insert(0, str(HERE.parent / "tests" / "swarm"))
 from cluster import SwarmLab  # noqa: E402 - tests/swarm is put on the path just above
 
 from hotbox_jupyter.box.manager import TaskManager  # noqa: E402
+from hotbox_jupyter.box.storage import unmount_storage  # noqa: E402
 from hotbox_jupyter.events import StderrChunk, StdoutChunk  # noqa: E402
 from hotbox_jupyter.settings import Cluster, Plan, load_settings  # noqa: E402
 
@@ -137,6 +139,17 @@ async def bench(lab: SwarmLab, args: argparse.Namespace, rep: Report) -> None:
             tg.cancel_scope.cancel()
 
 
+def _clean_home(home: Path) -> None:
+    """Unmount the run's hot:// disks (they stay mounted after their boxes by design) and remove its home."""
+    unmount_storage(home)
+    with open("/proc/self/mounts") as f:
+        still = [line.split()[1] for line in f if line.split()[1].startswith(f"{home}/")]
+    if still:
+        print(f"bench/swarm.py: still mounted, left in place: {still}", file=sys.stderr)
+        return
+    shutil.rmtree(home, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3 if quick() else 10, help="one-box samples per engine")
@@ -157,6 +170,7 @@ def main() -> None:
         anyio.run(bench, lab, args, rep)
     finally:
         lab.close()
+        _clean_home(Path(home))
     rep.notes.append("all three engines share this machine's 2 cores: the swarm's scale-out is not measured here, "
                      "only its overhead")
     rep.save()
