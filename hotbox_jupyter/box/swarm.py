@@ -20,7 +20,7 @@ small POSIX-sh wrapper in front of the command checks inside the box before the 
   closed instead of giving egress;
 * **stdin**: services cannot be attached to; the bytes travel base64-encoded in the environment;
 * **a writable root's size**: a service cannot ask for the size of its container's layer; the node caps it
-  (its runtime ``runtimes/swarm/hotbox-runc`` puts the root on a disk of the size's ``disk_mb``, or
+  (its runtime ``hotbox_jupyter/box/hotbox-runc`` puts the root on a disk of the size's ``disk_mb``, or
   ``overlay2.size`` on xfs with project quotas), and the wrapper refuses to run a writable box whose ``/``
   is bigger than that, so a node without the cap fails closed; it reports a full root at the end (reason disk);
 * **OOM**: the manager's task status says only "exit 137"; the wrapper reads the memory cgroup's

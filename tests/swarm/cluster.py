@@ -16,8 +16,8 @@ engine was killed.
 A node's own NAT (one MASQUERADE rule in its namespace, what ``--iptables`` would add) lets boxes with
 network="internet" reach the lab's network (the hub, other nodes) through the gateway bridge.
 
-Each engine's default OCI runtime is ``runtimes/swarm/hotbox-runc``, which puts a writable box's root on
-a disk of its size (a service cannot ask for a size of its container's layer, and this kernel has no xfs
+Each engine's default OCI runtime is ``hotbox_jupyter/box/hotbox-runc``, which puts a writable box's
+root on a disk of its size (a service cannot ask for a size of its container's layer, and this kernel has no xfs
 quotas for ``--storage-opt overlay2.size``; see docs/scale-out.md). Its data-root lives on this machine's
 disk, under the lab's base directory.
 
@@ -46,7 +46,7 @@ HUB_IP = f"{SUBNET}.254"
 REGISTRY = f"{HUB_IP}:5000"
 TLS_PORT = 2376
 NETNS_DIR = Path("/var/run/netns")
-NODE_RUNTIME = Path(__file__).resolve().parents[2] / "runtimes" / "swarm" / "hotbox-runc"
+NODE_RUNTIME = Path(__file__).resolve().parents[2] / "hotbox_jupyter" / "box" / "hotbox-runc"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
