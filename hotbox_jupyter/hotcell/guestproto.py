@@ -192,8 +192,9 @@ class GuestVm(Protocol):
 def panic_message(kernel_log: str) -> str | None:
     """"the microVM's kernel panicked: <its panic line>" when the guest kernel's console has one."""
     for line in kernel_log.splitlines():
-        if "Kernel panic" in line:
-            return f"the microVM's kernel panicked: {line.strip()[:300]}"
+        at = line.find("Kernel panic")
+        if at >= 0:
+            return f"the microVM's kernel panicked: {line[at:].strip()[:300]}"
     return None
 
 

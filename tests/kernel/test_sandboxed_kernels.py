@@ -47,6 +47,10 @@ def vm_processes(pid: int) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
+def qemu_pids(pid: int) -> list[int]:
+    return [int(line.split()[0]) for line in vm_processes(pid) if "qemu-system" in line.split()[1]]
+
+
 def kernel_dirs(pid: int) -> list[Path]:
     root = Path(os.environ["HOTBOX_HOME"]) / "state" / "kernels"
     found = []
@@ -217,6 +221,23 @@ def test_a_guest_that_runs_out_of_memory_is_said_plainly_and_the_next_cell_runs(
     assert [e["evalue"] for e in of_type(r, "error")] == [r["evalue"]]
     r = execute(kc, "'alive'")
     assert r["status"] == "ok" and value(r) == "'alive'"
+
+
+def test_a_guest_kernel_panic_is_said_plainly_and_the_next_cell_gets_a_fresh_vm(kernel: Any) -> None:
+    name, _km, kc, pid = kernel
+    if name != "hotcell-python":
+        pytest.skip("a container shares the host's kernel: only the microVM has a kernel of its own to panic")
+    (qemu,) = qemu_pids(pid)
+    # root in the guest asks its kernel to crash (sysrq 'c'): a real panic, "Kernel panic" on the console
+    r = execute(kc, "print('crashing', flush=True)\nopen('/proc/sysrq-trigger', 'w').write('c')", timeout=120)
+    assert r["status"] == "error" and r["ename"] == "SandboxDied", r
+    assert "the microVM's kernel panicked: Kernel panic" in r["evalue"] and "QEMU has exited" in r["evalue"], r
+    with pytest.raises(ProcessLookupError):
+        os.kill(qemu, 0)
+    r = execute(kc, "'fresh'", timeout=240)
+    assert r["status"] == "ok" and value(r) == "'fresh'", r
+    assert "fresh one" in out(r, "stderr") and "panicked" in out(r, "stderr")
+    assert qemu_pids(pid) not in ([], [qemu])
 
 
 def test_the_sandbox_has_no_network(kernel: Any) -> None:
