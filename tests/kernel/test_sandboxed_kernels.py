@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.docker, pytest.mark.slow]
 KINDS = [pytest.param("hotbox-python", id="box"),
          pytest.param("hotcell-python", id="vm", marks=pytest.mark.vm)]
 READY = {"hotbox-python": 60.0, "hotcell-python": 240.0}
+KINDS_NAMES = {"box": "hotbox-python", "vm": "hotcell-python"}
 
 
 def kernel_containers(pid: int) -> list[str]:
@@ -246,6 +247,41 @@ def test_the_sandbox_has_no_network(kernel: Any) -> None:
                     "try:\n    s.connect(('1.1.1.1', 53)); print('CONNECTED')\n"
                     "except OSError as e:\n    print('refused', e)")
     assert r["status"] == "ok" and "refused" in out(r) and "CONNECTED" not in out(r)
+
+
+@pytest.mark.parametrize("kind", ["box", pytest.param("vm", marks=pytest.mark.vm)])
+def test_a_kernel_installed_with_network_internet_reaches_a_server(kind: str, tmp_path: Path) -> None:
+    """The other half of the test above: ``--network internet`` lets the sandbox out, here to a server
+    of this test on the Docker bridge's gateway (the host, as a box on the default bridge reaches it;
+    a microVM's user networking reaches every host address)."""
+    import socket
+    import threading
+
+    from hotbox_jupyter.kernel.install import install
+
+    gateway = subprocess.run(["docker", "network", "inspect", "bridge", "--format",
+                              "{{(index .IPAM.Config 0).Gateway}}"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    token = uuid.uuid4().hex
+    with socket.create_server((gateway, 0)) as server:
+        server.settimeout(240)
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            with contextlib.suppress(OSError), server.accept()[0] as conn:
+                conn.sendall(f"hello {token}\n".encode())
+
+        threading.Thread(target=answer, daemon=True).start()
+        name = f"{KINDS_NAMES[kind]}-internet-test"
+        install(kind, prefix=str(tmp_path), network="internet", name=name)
+        ksm = kernelspecs()
+        ksm.kernel_dirs.append(str(tmp_path / "share/jupyter/kernels"))
+        with sandboxed_kernel(name, ksm, READY[KINDS_NAMES[kind]]) as (_km, kc, _pid):
+            r = execute(kc, f"import socket\nwith socket.create_connection(({gateway!r}, {port}), timeout=20) as s:\n"
+                            "    print(s.recv(100).decode(), end='')")
+            assert r["status"] == "ok" and out(r) == f"hello {token}\n", r
+            info = kc.kernel_info(reply=True, timeout=30)["content"]
+            assert "network internet" in info["banner"], info["banner"]
 
 
 def test_box_sockets_are_the_owners_only(kernel: Any) -> None:
