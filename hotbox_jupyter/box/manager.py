@@ -492,7 +492,7 @@ class TaskManager:
         box, argv = task.warm
         assert box.container_id is not None and box.stream is not None
         # The box's environment already holds the image's and ours; the job adds the conf's on top.
-        job = box.job(argv, dict(task.conf.env)) + (task.stdin or b"")
+        job = box.job(argv, dict(task.conf.env), task.stdin)
         task.container_id = box.container_id
         task.started = time.monotonic()
         task.status = TaskStatus.RUNNING
@@ -546,6 +546,9 @@ class TaskManager:
         timed_out = False
         code: int | None = None
         with anyio.move_on_after(task.limits.timeout_s):
+            # Asked once the box showed output or ended: building the wait's HTTP request is a few ms of
+            # Python in a worker thread, which would hold up the event loop reading the first byte (GIL).
+            await task.settled.wait()
             code = await self._thread(engine.wait, cid, abandon=True)
         if code is None:
             if task.cancel_reason is None:

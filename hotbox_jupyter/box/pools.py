@@ -25,6 +25,7 @@ or ``%hotbox config --pool on``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -51,7 +52,7 @@ from .storage import DataDisk
 if TYPE_CHECKING:
     from .manager import TaskManager
 
-__all__ = ["PYTHON_CELL", "PoolKey", "WarmBox", "WarmPools", "resolve_argv"]
+__all__ = ["PYTHON_CELL", "PoolKey", "WarmBox", "WarmPools", "resolve_argv", "runs_in_place"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,13 @@ BACKOFF_S = 30.0
 REFILL_DELAY_S = 1.0
 LABEL_POOL = "io.hotbox.pool"
 _SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def runs_in_place(env: dict[str, str]) -> bool:
+    """Whether the Python waiter runs the cell runner with ``env`` in its own interpreter: nothing in it
+    changes how an interpreter starts (the waiter makes the same check, ``pool_waiter._same_start``)."""
+    return all(not (k.startswith("PYTHON") or k in ("LANG", "LC_ALL", "LC_CTYPE"))
+               or (k == "PYTHONUNBUFFERED" and v) for k, v in env.items())
 
 
 def resolve_argv(entrypoint: list[str] | None, cmd: list[str] | None, image_entrypoint: list[str] | None,
@@ -122,15 +130,21 @@ class WarmBox:
             return False
         return not readable
 
-    def job(self, argv: list[str], env: dict[str, str]) -> bytes:
-        """The bytes that turn the waiter into ``argv`` with ``env`` (see the module docstring)."""
+    def job(self, argv: list[str], env: dict[str, str], stdin: bytes | None = None) -> bytes:
+        """The bytes that turn the waiter into ``argv`` with ``env`` and give it ``stdin`` (see the module
+        docstring). A cell the Python waiter runs in place gets its code inside the job, so that it starts
+        at once rather than after the end of stdin (which travels through dockerd and containerd)."""
         if self.key.waiter == "python":
-            body = json.dumps({"argv": argv, "env": env}).encode()
-            return b"%d\n" % len(body) + body
+            job: dict[str, Any] = {"argv": argv, "env": env}
+            if stdin and argv == PYTHON_CELL and runs_in_place(env):
+                job["stdin"] = base64.b64encode(stdin).decode()
+                stdin = None
+            body = json.dumps(job).encode()
+            return b"%d\n" % len(body) + body + (stdin or b"")
         lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
         lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
         text = "\n".join(lines) + "\n"
-        return f"{text.count(chr(10))}\n{text}".encode()
+        return f"{text.count(chr(10))}\n{text}".encode() + (stdin or b"")
 
 
 @dataclass

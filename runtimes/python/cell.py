@@ -413,10 +413,11 @@ def run_cell(code: str, namespace: dict, *, filename: str = CELL_FILE) -> int:
     return status
 
 
-def main() -> int:
-    """Run the cell on stdin; the exit code is 0, the code's own ``sys.exit`` code, 1 on error, 130 on ^C."""
+def main(source: str | None = None) -> int:
+    """Run the cell on stdin (or ``source``, from a warm box's waiter); the exit code is 0, the code's own
+    ``sys.exit`` code, 1 on error, 130 on ^C."""
     prepare_environment()
-    code = sys.stdin.read()
+    code = sys.stdin.read() if source is None else source
     try:
         ctx = json.loads(os.environ.get("HOTCELL_INPUT") or "{}")
     except ValueError as exc:

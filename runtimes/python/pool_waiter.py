@@ -3,7 +3,8 @@
 Started as ``python3 -u /opt/hotbox/python/pool_waiter.py``. It says it is ready on stdout, then reads
 its job from stdin (the attach stream): a line with the byte length of a JSON object, then that object,
 ``{"argv": [...], "env": {...}}`` (``env`` goes on top of the box's own environment). It reads exactly
-those bytes, so the rest of stdin is the program's.
+those bytes, so the rest of stdin is the program's. The job may carry the program's stdin itself,
+base64 in ``"stdin"`` (the cell's code, so that the cell starts without waiting for the end of stdin).
 
 When ``argv`` is the cell runner (``python3 -u /opt/hotbox/python/cell.py``) and nothing in ``env``
 changes how the interpreter starts (``PYTHON*``, locale), the cell runs right here, as ``cell.main``
@@ -13,6 +14,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -61,7 +63,10 @@ def main() -> int:
     except (EOFError, ValueError):
         return 0  # the pool let this box go without a job
     argv, env = list(job["argv"]), dict(job["env"])
+    data = base64.b64decode(job["stdin"]) if "stdin" in job else None
     if argv != RUNNER or not _same_start(env):
+        if data is not None:
+            _stdin_from(data)
         try:
             os.execvpe(argv[0], argv, {**os.environ, **env})
         except OSError as exc:  # what sh says and returns for a command it cannot run
@@ -69,7 +74,20 @@ def main() -> int:
             return 127 if isinstance(exc, FileNotFoundError) else 126
     os.environ.update(env)
     sys.argv = argv[2:]
-    return cell.main()
+    return cell.main(None if data is None else data.decode("utf-8", "surrogateescape"))
+
+
+def _stdin_from(data: bytes) -> None:
+    """Make ``data`` the stdin of the program about to be exec'd: a pipe a child process fills."""
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.close(r)
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+        os._exit(0)
+    os.close(w)
+    os.dup2(r, 0)
+    os.close(r)
 
 
 if __name__ == "__main__":

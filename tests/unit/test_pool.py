@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +107,31 @@ def test_the_python_waiter_runs_a_cell_in_place_and_execs_anything_else() -> Non
     missing = subprocess.run([sys.executable, "-u", str(waiter)], capture_output=True,
                              input=box.job(["no-such-program"], {}))
     assert missing.returncode == 127 and b"no-such-program" in missing.stderr
+
+
+def test_a_cell_run_in_place_gets_its_code_inside_the_job_so_it_need_not_wait_for_the_end_of_stdin() -> None:
+    box = _box("python")
+    code = "print('é', 6 * 7)".encode()
+    in_place = box.job(PYTHON_CELL, {"PYTHONUNBUFFERED": "1"}, code)
+    header, _, body = in_place.partition(b"\n")
+    job = json.loads(body[: int(header)])
+    assert body[int(header):] == b"" and base64.b64decode(job["stdin"]) == code
+    # Anything that needs a fresh interpreter (or another program) reads its stdin from the stream as before.
+    for argv, env in ((PYTHON_CELL, {"PYTHONPATH": "/x"}), (["sh", "-c", "cat"], {})):
+        assert box.job(argv, env, code).endswith(b"}" + code)
+    assert _box("sh").job(["cat"], {}, code).endswith(b"exec cat\n" + code)
+    # The waiter runs such a job in place, and gives an exec'd program the embedded stdin on a pipe.
+    waiter = runtimes_dir() / "python" / "pool_waiter.py"
+    runner = ["python3", "-u", str(waiter.parent / "cell.py")]
+    cases = ((runner, ["hotbox-pool-ready", "é 42"]), (["sh", "-c", "cat"], ["hotbox-pool-ready", code.decode()]))
+    for argv, want in cases:
+        body = json.dumps({"argv": argv, "env": {}, "stdin": base64.b64encode(code).decode()}).encode()
+        # Nothing follows the job and stdin stays open: the cell must not wait for its end.
+        with subprocess.Popen([sys.executable, "-u", str(waiter)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(b"%d\n" % len(body) + body)
+            proc.stdin.flush()
+            lines = [proc.stdout.readline().decode().rstrip("\n") for _ in want]
+            proc.stdin.close()
+            assert proc.wait(timeout=30) == 0 and lines == want
