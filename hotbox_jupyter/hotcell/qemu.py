@@ -228,12 +228,24 @@ def _boot_id() -> str:
         return "unknown"
 
 
+_qemu_versions: dict[tuple[str, int, int, int], str] = {}
+
+
 def _qemu_version(qemu: str) -> str:
+    """``qemu --version``'s first line, asked once per binary (path, inode, size, mtime) and process: a
+    kernel start needs it three times (KVM probe, backend report, snapshot key), 0.1-0.3 s each."""
     try:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+        st = os.stat(qemu)
+    except OSError:
         return "unknown"
-    return out.splitlines()[0] if out else "unknown"
+    stamp = (qemu, st.st_ino, st.st_size, st.st_mtime_ns)
+    if stamp not in _qemu_versions:
+        try:
+            out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+        _qemu_versions[stamp] = out.splitlines()[0] if out else "unknown"
+    return _qemu_versions[stamp]
 
 
 def kvm_probe(qemu: str, kernel: GuestKernel, cache: Path, *, deadline: float = 20.0,

@@ -516,7 +516,7 @@ async def start_warm_vm(backend: VmmBackend, config: VmConfig, handle: RootfsHan
     store = SnapshotStore(backend.cache / "snapshots")
     key = ""
     if can_save:
-        qemu_version = await anyio.to_thread.run_sync(_cached_qemu_version, backend.qemu)
+        qemu_version = await anyio.to_thread.run_sync(_qemu_version, backend.qemu)
         runtimes = await anyio.to_thread.run_sync(runtimes_hash)
         key = snapshot_key(qemu_version=qemu_version, accel=accel, kernel=kernel.version, initramfs=base.name,
                            config=config, handle=handle, program=program, guest_ports=guest_ports,
@@ -531,16 +531,6 @@ async def start_warm_vm(backend: VmmBackend, config: VmConfig, handle: RootfsHan
                 log.warning("snapshot %s did not restore, cold-booting instead: %s", key, exc)
                 store.discard(key)
     return await _cold_boot(backend, config, handle, program, guest_ports, store if can_save else None, key, data)
-
-
-_qemu_versions: dict[tuple[str, float], str] = {}
-
-
-def _cached_qemu_version(qemu: str) -> str:
-    stamp = (qemu, os.stat(qemu).st_mtime)
-    if stamp not in _qemu_versions:
-        _qemu_versions[stamp] = _qemu_version(qemu)
-    return _qemu_versions[stamp]
 
 
 async def _cold_boot(backend: QemuBackend, config: VmConfig, handle: RootfsHandle, program: list[str],
@@ -579,10 +569,12 @@ async def _restore(backend: QemuBackend, config: VmConfig, handle: RootfsHandle,
         nonce=str(meta["nonce"]), incoming=True, data=data))
     t0 = time.monotonic()
     await vm.start(RunInfo())
+    log.debug("restore: QEMU up and connected in %.3f s", time.monotonic() - t0)
     warm = WarmVm(vm, host_ports=ports, restored=True)
     try:
         warm._start_drain()
         await warm._load(snap)
+        log.debug("restore: state loaded and running at %.3f s", time.monotonic() - t0)
         warm.timings.start = time.monotonic() - t0
     except BaseException:
         await warm.stop()

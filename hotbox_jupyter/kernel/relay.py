@@ -65,6 +65,14 @@ def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     return frames[:i], frames[i + 1:]
 
 
+def _msg_type(frames: list[bytes]) -> str:
+    """The message type of a raw message (for debug logs only)."""
+    try:
+        return str(json.loads(_split(frames)[1][1]).get("msg_type", "?"))
+    except (ValueError, IndexError, AttributeError):
+        return "?"
+
+
 def _routing_id(ident: bytes) -> bytes:
     # libzmq refuses routing ids that start with a zero byte (those are its own generated ones).
     return ident if ident and ident[0] != 0 else b"hb-" + ident
@@ -110,6 +118,9 @@ class KernelRelay:
         self.ctx = zmq.asyncio.Context()
         self.front: dict[str, zmq.asyncio.Socket] = {}
         self.pending: dict[str, _Pending] = {}
+        # kernel_info_requests that arrived while another was with the guest: they get its answer.
+        self._info_asked: str | None = None
+        self._info_copies: list[_Pending] = []
         self.guest: _Guest | None = None
         self._starting: asyncio.Task[_Guest] | None = None
         self._last_death: str | None = None
@@ -254,6 +265,7 @@ class KernelRelay:
         self._last_death = reason
         await self._close_guest_sockets(guest, keep_task=asyncio.current_task())
         pending, self.pending = list(self.pending.values()), {}
+        self._info_asked, self._info_copies = None, []
         first_execute = True
         for p in pending:
             if p.header.get("msg_type") == "execute_request" and first_execute:
@@ -320,11 +332,19 @@ class KernelRelay:
             return
         header: dict[str, Any] = json.loads(rest[1])
         msg_type = header.get("msg_type", "")
+        log.debug("front %s: %s", channel, msg_type)
         if channel == "control" and msg_type == "shutdown_request":
             await self._shutdown(idents, header, frames)
             return
         if channel == "shell" and msg_type.endswith("_request"):  # comm messages get no reply
             self.pending[header.get("msg_id", "")] = _Pending(idents, header)
+        if channel == "shell" and msg_type == "kernel_info_request":
+            # A client polls kernel_info until one is answered (jupyter_client: every second), so a slow
+            # sandbox start piles them up; the guest answers one, which costs a TCG guest 0.1 s or more.
+            if self._info_asked in self.pending:  # asked and not answered yet
+                self._info_copies.append(self.pending[header.get("msg_id", "")])
+                return
+            self._info_asked = header.get("msg_id", "")
         try:
             guest = await self._ensure_guest(retry=msg_type == "execute_request")
         except Exception as exc:
@@ -345,6 +365,7 @@ class KernelRelay:
                     guest.tasks[:] = [t for t in guest.tasks if not t.done()] + [task]
             return
         await self._dealer(guest, channel, idents[0]).send_multipart(frames[1:], copy=True)
+        log.debug("to guest %s: %s", channel, msg_type)
 
     async def _no_guest(self, channel: str, idents: list[bytes], header: dict[str, Any], exc: Exception) -> None:
         """No sandbox could be started: every request still gets an answer saying why."""
@@ -357,10 +378,12 @@ class KernelRelay:
         if not msg_type.endswith("_request"):
             return  # comm messages: nobody waits for an answer
         if msg_type == "kernel_info_request":  # with busy/idle: clients check that iopub works too
+            self._info_asked = None
+            info = self._local_kernel_info(f"the sandbox did not start: {why}")
             await self._publish("status", {"execution_state": "busy"}, header)
-            await self._reply(p, "kernel_info_reply", self._local_kernel_info(f"the sandbox did not start: {why}"),
-                              channel=channel)
+            await self._reply(p, "kernel_info_reply", info, channel=channel)
             await self._publish("status", {"execution_state": "idle"}, header)
+            await self._answer_info_copies(info)
         elif msg_type == "interrupt_request":
             await self._reply(p, "interrupt_reply", {"status": "ok"}, channel=channel)
         else:
@@ -420,30 +443,56 @@ class KernelRelay:
         front = self.front[channel]
         while True:
             frames = await sock.recv_multipart(copy=True)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("from guest %s: %s", channel, _msg_type(frames))
+            info = None
             if channel == "shell":
-                frames = self._note_reply(frames)
+                frames, info = self._note_reply(frames)
             await front.send_multipart([ident, *frames], copy=True)
+            if info is not None:
+                await self._answer_info_copies(info)
             if channel == "control" and self._shutdown_replied is not None:
                 self._shutdown_replied.set()
 
-    def _note_reply(self, frames: list[bytes]) -> list[bytes]:
+    def _note_reply(self, frames: list[bytes]) -> tuple[list[bytes], dict[str, Any] | None]:
+        """The reply to pass on (a kernel_info_reply's banner gets a line about the sandbox), and the
+        kernel_info content when it answers the request that others wait for."""
         try:
             idents, rest = _split(frames)
             parent = json.loads(rest[2])
-            self.pending.pop(parent.get("msg_id", ""), None)
-            if json.loads(rest[1]).get("msg_type") != "kernel_info_reply" or self.guest is None:
-                return frames
+            msg_id = parent.get("msg_id", "")
+            self.pending.pop(msg_id, None)
+            if json.loads(rest[1]).get("msg_type") != "kernel_info_reply":
+                return frames, None
             content = json.loads(rest[4])
-            content["banner"] = f"{content.get('banner', '')}\n{self.guest.sandbox.describe()}\n".lstrip("\n")
+            if self.guest is not None:
+                content["banner"] = f"{content.get('banner', '')}\n{self.guest.sandbox.describe()}\n".lstrip("\n")
             new = [rest[1], rest[2], rest[3], json.dumps(content).encode()]
-            return [*idents, DELIM, self.session.sign(new), *new, *rest[5:]]
+            first = msg_id == self._info_asked
+            if first:
+                self._info_asked = None
+            return [*idents, DELIM, self.session.sign(new), *new, *rest[5:]], content if first else None
         except (ValueError, IndexError, AttributeError):
-            return frames
+            return frames, None
+
+    async def _answer_info_copies(self, content: dict[str, Any]) -> None:
+        """Answer the kernel_info_requests that waited for the one the guest answered (busy/idle around
+        each, as a kernel does: clients check that iopub works with them)."""
+        copies, self._info_copies = self._info_copies, []
+        for p in copies:
+            if self.pending.pop(p.header.get("msg_id", ""), None) is None:
+                continue  # answered meanwhile (the guest died)
+            await self._publish("status", {"execution_state": "busy"}, p.header)
+            await self._reply(p, "kernel_info_reply", content)
+            await self._publish("status", {"execution_state": "idle"}, p.header)
 
     async def _iopub_reader(self, sub: zmq.asyncio.Socket) -> None:
         pub = self.front["iopub"]
         while True:
-            await pub.send_multipart(await sub.recv_multipart(copy=True), copy=True)
+            frames = await sub.recv_multipart(copy=True)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("from guest iopub: %s", _msg_type(frames))
+            await pub.send_multipart(frames, copy=True)
 
     # -- messages of the relay's own -----------------------------------------------------------------
 
