@@ -22,7 +22,7 @@ from vm_support import (
 from hotbox_jupyter.errors import ImageError
 from hotbox_jupyter.hotcell.config import VmConfig
 from hotbox_jupyter.hotcell.qemu import QemuBackend
-from hotbox_jupyter.hotcell.rootfs import BuildReport, RootfsBuilder
+from hotbox_jupyter.hotcell.rootfs import BuildReport, RootfsBuilder, engine_image_id
 
 pytestmark = [pytest.mark.docker]
 
@@ -49,6 +49,22 @@ def test_from_the_local_engine_with_whiteouts_and_cache(tiny: Any, tmp_path: Pat
     check_tiny_tree(tmp_path / "b")
     with pytest.raises(ImageError):
         build(builder, "docker-daemon:hotbox-test/does-not-exist:1", tmp_path / "c")
+
+
+def test_cached_finds_a_built_tree_without_docker_py(tiny: Any, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cached`` asks the engine for the image id over its socket (stdlib) and takes the tree it already
+    has; what it has not (or an engine it cannot ask that way) goes the long way, through docker-py."""
+    builder = RootfsBuilder(tmp_path / "cache")
+    assert engine_image_id(TINY_IMAGE) == tiny.id
+    assert engine_image_id("hotbox-test/does-not-exist:1") is None
+    first = anyio.run(builder.cached, TINY_IMAGE)  # built now
+    assert not first.cache_hit and first.digest == tiny.id
+    second = builder._cached_tree(f"docker-daemon:{TINY_IMAGE}")
+    assert second is not None and second.cache_hit and (second.digest, second.rootfs) == (tiny.id, first.rootfs)
+    assert (second.source, second.layers) == ("docker", first.layers)
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:9")
+    assert engine_image_id(TINY_IMAGE) is None and builder._cached_tree(TINY_IMAGE) is None
 
 
 @pytest.mark.registry

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import sqlite3
 import subprocess
@@ -126,6 +127,30 @@ def test_ipython_in_the_sandbox(kernel: Any) -> None:
     info = kc.kernel_info(reply=True, timeout=30)["content"]
     assert info["implementation"] == "ipython" and info["language_info"]["name"] == "python"
     assert ("Hot Box Python" if name == "hotbox-python" else "Hotcell Python") in info["banner"]
+
+
+def test_kernel_info_requests_asked_at_once_each_get_their_answer(kernel: Any) -> None:
+    """The relay answers kernel_info requests that arrive while one is with the guest from that one's reply
+    (a client polls kernel_info while a sandbox starts): each still gets its own reply, busy and idle."""
+    name, _km, kc, _pid = kernel
+    asked = [kc.kernel_info() for _ in range(3)]
+    replies: dict[str, dict[str, Any]] = {}
+    states: dict[str, list[str]] = {m: [] for m in asked}
+    deadline = time.monotonic() + 60
+    while (len(replies) < 3 or any(len(v) < 2 for v in states.values())) and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            reply = kc.get_shell_msg(timeout=0.1)
+            if reply["parent_header"].get("msg_id") in states:  # not a leftover of wait_for_ready's polling
+                replies[reply["parent_header"]["msg_id"]] = reply["content"]
+        with contextlib.suppress(queue.Empty):
+            msg = kc.get_iopub_msg(timeout=0.1)
+            if msg["msg_type"] == "status" and msg["parent_header"].get("msg_id") in states:
+                states[msg["parent_header"]["msg_id"]].append(msg["content"]["execution_state"])
+    assert sorted(replies) == sorted(asked), replies
+    assert all(v == ["busy", "idle"] for v in states.values()), states
+    for content in replies.values():
+        assert content["implementation"] == "ipython", content
+        assert ("Hot Box Python" if name == "hotbox-python" else "Hotcell Python") in content["banner"]
 
 
 def test_input_goes_over_the_stdin_channel(kernel: Any) -> None:
