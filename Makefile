@@ -17,8 +17,10 @@ demo: setup
 test: setup
 	bash scripts/test.sh
 
+# 1000 tasks through the API, and 200 cells through each sandbox kernel (make test runs 100 and 30).
 soak: setup
-	HOTBOX_SOAK_TASKS=1000 bash scripts/test.sh tests/integration/test_soak.py -s
+	HOTBOX_SOAK_TASKS=1000 HOTBOX_SOAK_CELLS=200 bash scripts/test.sh tests/integration/test_soak.py \
+		tests/kernel/test_kernel_soak.py -s
 
 doctor:
 	$(PY) -m hotbox_jupyter.cli doctor

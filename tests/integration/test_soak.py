@@ -7,9 +7,8 @@ container, no mounted disk, no task directory, no thread, no file descriptor.
 CI runs :data:`CI_TASKS` tasks (well under a minute here); ``HOTBOX_SOAK_TASKS=1000`` (``make soak``)
 runs the full soak. The seed of the random choices is printed, and ``HOTBOX_SOAK_SEED`` replays it.
 
-The kernels' half ("200 cells through each kernel with random interrupts") plugs in at
-:func:`kernel_soak_targets`: it returns the kernelspecs to soak, and is empty until the sandbox
-kernels are installed by the test run.
+The kernels' half ("200 cells through each kernel with random interrupts") is
+``tests/kernel/test_kernel_soak.py`` (``HOTBOX_SOAK_CELLS``), next to the other kernel tests' helpers.
 """
 
 from __future__ import annotations
@@ -153,17 +152,3 @@ def test_soak_many_short_boxes_with_random_cancels(project: Path) -> None:
                                              f"fds {fds} -> {_fds()}")
         time.sleep(0.1)
 
-
-def kernel_soak_targets() -> list[str]:
-    """Kernelspecs whose cells the soak drives with random interrupts (200 cells each in the full soak).
-
-    The seam for the sandbox kernels: empty until they are installed by the test run, and the test
-    below says so instead of passing quietly.
-    """
-    return []
-
-
-@pytest.mark.parametrize("kernel", kernel_soak_targets() or [pytest.param("none", marks=pytest.mark.skip(
-    reason="no sandbox kernel to soak yet: kernel_soak_targets() is the seam for them"))])
-def test_soak_kernel_cells_with_random_interrupts(kernel: str) -> None:
-    raise AssertionError(f"kernel soak for {kernel} is not written yet")
