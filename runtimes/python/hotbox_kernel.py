@@ -115,8 +115,12 @@ def main() -> None:
     # Jedi's first completion costs seconds of CPU (tens under TCG or a small box's quarter CPU), and
     # blocks the shell meanwhile; IPython's own completer still completes every name, attribute and key.
     app.initialize(["-f", path, "--IPKernelApp.quiet=True", "--IPCompleter.use_jedi=False"])
-    if mode == "--warm":  # one cell through IPython's machinery, so its lazy imports are in the snapshot
+    if mode == "--warm":  # cells through IPython's machinery, so its lazy imports are in the snapshot
         app.shell.run_cell("pass", store_history=False, silent=True)
+        # A first traceback loads and compiles IPython's formatting (stack_data, pygments): about 4 s under
+        # TCG, which made an interrupted first cell outlast the relay's grace and lose its VM. Nobody is
+        # subscribed to iopub yet, so this one is seen by no one.
+        app.shell.run_cell("raise KeyboardInterrupt", store_history=False, silent=True)
     # Everything slow is done (shell, history, sockets bound): a microVM is snapshotted here. The real
     # key comes only now, so no two kernels restored from one snapshot share it, nor the session id.
     payload = _read_payload(mode)

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
+from kernel_protocol import execute
 from test_sandboxed_kernels import kernel_ledger_rows, sandboxed_kernel, vm_processes
 
 from hotbox_jupyter.box.billing import Ledger
@@ -317,3 +318,25 @@ def test_soak_kernel_cells_with_random_interrupts(name: str) -> None:
     while _listening(ports) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _listening(ports), f"forwarded ports still listening: {_listening(ports)}"
+
+
+@pytest.mark.vm
+def test_the_first_interrupt_of_a_fresh_vm_kernel_keeps_its_sandbox() -> None:
+    """Found by the soak: a fresh Hotcell kernel's first traceback loaded IPython's formatting (about 4 s
+    under TCG), so an interrupted first cell outlasted the relay's grace and the VM, with the user's
+    variables, was stopped. The launcher now formats one traceback before the snapshot point."""
+    with sandboxed_kernel("hotcell-python") as (km, kc, _pid):
+        assert execute(kc, "import sys\nloaded = set(sys.modules)\nkept = 'yes'")["status"] == "ok"
+
+        def interrupt_once_started(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream" and "started" in msg["content"]["text"]:
+                km.interrupt_kernel()  # message mode: an interrupt_request on the control channel
+
+        r = execute(kc, "print('started', flush=True)\nimport time\nfor _ in range(1200): time.sleep(0.05)",
+                    on_message=interrupt_once_started)
+        assert r["status"] == "error" and r["ename"] == "KeyboardInterrupt", r
+        r = execute(kc, "sorted(set(sys.modules) - loaded), kept")
+        assert r["status"] == "ok", r
+        (result,) = [m["content"] for _, m in r["messages"] if m["msg_type"] == "execute_result"]
+        # nothing was loaded to show the traceback, and the state is the same kernel's
+        assert result["data"]["text/plain"] == "([], 'yes')", result
