@@ -9,7 +9,9 @@ The runner shapes the guest like the box: a ``tmp_mb`` tmpfs at /tmp, a read-onl
 unless ``writable``, a pids cgroup of the box's process limit, and ``/data`` a fresh sparse ext4 drive
 of the size's ``disk_mb`` made here for every task (``WarmLaunch.data``: the drive is in the snapshot's
 device set, a restore points it at the new file and the guest drops its cached blocks before mounting it
-``nosuid,nodev``), so a writer gets ENOSPC at the cap and the result says "disk". The task is confined
+``nosuid,nodev``), so a writer gets ENOSPC at the cap and the result says "disk"; a writable box's root
+is the image under an overlay whose upper layer is on a second such drive (as a container's writable
+layer is on its ``RootDisk``). The task is confined
 as runc confines a container's process: pid 1 of its own pid namespace is a small init of the runner
 (``kill -9 -1`` reaches only the box), a mount namespace with a fresh /proc, runc's masked and read-only
 paths (/proc/kcore, /proc/sysrq-trigger, ...), a read-only /sys and a /dev of harmless devices only, the
@@ -18,8 +20,7 @@ bounding set included) and no_new_privs. The VM has the size's memory (plus 64 M
 and vCPUs; a timeout or SIGKILL kills the VM.
 
 Differences from a container box, said plainly: ``/hot`` is not mounted (virtio-fs cannot be part of a
-snapshot, and Debian's cloud guest kernel has no 9p), the writable root of a writable box is the VM's
-throw-away root disk (bounded by the image's free space, not by ``disk_mb``), there is no seccomp
+snapshot, and Debian's cloud guest kernel has no 9p), there is no seccomp
 filter inside the guest (the guest kernel is the VM's own), and an image without ``python3`` cold-boots
 every time with the command run by the VM's init (no user switch, no read-only root, no pids limit, no
 capability drop there).
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 VMTASK = ["python3", "-u", "/opt/hotbox/python/vmtask.py"]
 KEY_EXTRA = "box-tier-1"
 STDOUT, STDERR = 1, 2
+# The serials of a box VM's drives (fresh ext4 files of the size's disk_mb), by which vmtask.py finds them.
+DATA_SERIAL, ROOT_SERIAL = "hotbox-data", "hotbox-root"
 GUEST_KERNEL_MIB = 64
 MIN_VM_MIB = 128
 
@@ -190,13 +193,15 @@ async def prepare_vm_box(engine: Engine, conf: BoxConf, limits: Limits, task_id:
         return VmBox(warm=None, backend=backend, handle=handle, vm_config=vm_config, payload={})
     payload = {"argv": argv, "env": env, "workdir": workdir, "user": limits.user, "read_only": limits.read_only,
                "tmp_mb": limits.tmp_mb, "pids": limits.pids, "caps": [] if limits.read_only else list(WRITABLE_CAPS),
-               "data_disk": True,
+               "data_disk": True, "root_disk": not limits.read_only,
                "stdin": base64.b64encode(stdin).decode() if stdin is not None else None}
     warm_config = vm_config.model_copy(update={"command": VMTASK, "env": [], "workdir": "/"})
     uid, _, gid = limits.user.partition(":")
+    disks = [(DATA_SERIAL, limits.disk_mb, int(uid), int(gid or uid))]
+    if not limits.read_only:
+        disks.append((ROOT_SERIAL, limits.disk_mb, 0, 0))
     warm = await start_warm_vm(backend, warm_config, handle, program=VMTASK, guest_ports=[],
-                               key_extra=f"{KEY_EXTRA};data={limits.disk_mb}",
-                               data=(limits.disk_mb, int(uid), int(gid or uid)))
+                               key_extra=";".join([KEY_EXTRA, *(f"{d[0]}={d[1]}" for d in disks)]), disks=tuple(disks))
     progress(f"microvm: {'restored from a snapshot' if warm.restored else 'cold-booted'} in "
              f"{warm.timings.start:.2f} s ({warm.accel.upper()}, {vm_config.vcpus} vCPU, {vm_config.memory_mib} MiB)")
     return VmBox(warm=warm, backend=backend, handle=handle, vm_config=vm_config, payload=payload)

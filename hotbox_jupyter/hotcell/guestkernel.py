@@ -7,7 +7,7 @@ Why these choices (measured, see the microVM lab notes):
   ``apt-get download`` (no root needed, nothing installed on the host) and unpacked with ``dpkg-deb -x``.
 * QEMU enters an uncompressed ``vmlinux`` ELF through PVH, skipping real-mode setup and in-guest
   decompression (about 0.35 s per boot under TCG), so the bzImage's payload is decompressed once here.
-* The virtio modules (virtio-mmio, -blk, -console, -net, virtiofs) go into a small initramfs with a
+* The virtio modules (virtio-mmio, -blk, -console, -net, virtiofs) and overlay go into a small initramfs with a
   static busybox and hotbox's ``/init`` (``runtimes/vm/init``). The kernel has no module dependency
   files in the package, so the load order comes from each module's ``depends=`` modinfo.
 
@@ -43,6 +43,7 @@ from ..paths import runtimes_dir
 __all__ = [
     "BASE_MODULES",
     "NET_MODULES",
+    "ROOT_MODULES",
     "SHARE_MODULES",
     "GuestKernel",
     "build_initramfs",
@@ -62,7 +63,9 @@ META_PACKAGE = "linux-image-cloud-amd64"
 BASE_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console")
 SHARE_MODULES = ("virtiofs",)
 NET_MODULES = ("virtio_net",)
-_WANTED = (*BASE_MODULES, *SHARE_MODULES, *NET_MODULES)
+# A writable microvm box's root: the image under an overlay whose upper layer is on a capped drive.
+ROOT_MODULES = ("overlay",)
+_WANTED = (*BASE_MODULES, *SHARE_MODULES, *NET_MODULES, *ROOT_MODULES)
 
 
 def vm_cache_dir() -> Path:
@@ -293,7 +296,12 @@ def ensure_kernel(cache: Path | None = None, *, refresh: bool = False) -> GuestK
         if not refresh and not local_deb and current.is_file():
             root = kdir / current.read_text().strip()
             if (root / "kernel.json").is_file():
-                return GuestKernel.load(root)
+                cached = GuestKernel.load(root)
+                if set(_WANTED) <= set(cached.deps):
+                    return cached
+                # Cached by an older hotbox that wanted fewer modules: fetch the package again.
+                log.info("guest kernel %s lacks modules %s", cached.version, sorted(set(_WANTED) - set(cached.deps)))
+                refresh = True
         with tempfile.TemporaryDirectory(dir=kdir, prefix=".dl-") as tmp:
             if local_deb:
                 deb = Path(local_deb)
@@ -309,8 +317,17 @@ def ensure_kernel(cache: Path | None = None, *, refresh: bool = False) -> GuestK
                 deb = _download_deb(package, Path(tmp))
             kernel = _unpack_kernel(deb, kdir / ".unpacked")
             final = kdir / kernel.version
-            shutil.rmtree(final, ignore_errors=True)
-            kernel.root.rename(final)
+            if (final / "kernel.json").is_file() and (final / "vmlinux").is_file():
+                # The same kernel, maybe in use by running VMs: add its modules and metadata in place.
+                for ko in (kernel.root / "modules").iterdir():
+                    if not (final / "modules" / ko.name).is_file():
+                        shutil.copyfile(ko, final / "modules" / f".{ko.name}.new")
+                        (final / "modules" / f".{ko.name}.new").rename(final / "modules" / ko.name)
+                (kernel.root / "kernel.json").rename(final / "kernel.json")
+                shutil.rmtree(kernel.root, ignore_errors=True)
+            else:
+                shutil.rmtree(final, ignore_errors=True)
+                kernel.root.rename(final)
             current.write_text(kernel.version)
             return GuestKernel.load(final)
 
@@ -397,13 +414,14 @@ def tree_entries(src: Path, prefix: str) -> list[tuple[str, int, bytes]]:
 def build_initramfs(kernel: GuestKernel, cache: Path | None = None) -> Path:
     """The cached base initramfs: static busybox, hotbox's /init, and the kernel's virtio modules.
 
-    Keyed by the kernel version and the hashes of busybox and init, so editing ``runtimes/vm/init``
-    makes a new one. A run appends its own small archive (its settings and the runtimes).
+    Keyed by the kernel version, its module set and the hashes of busybox and init, so editing
+    ``runtimes/vm/init`` makes a new one. A run appends its own small archive (its settings and the runtimes).
     """
     cache = cache or vm_cache_dir()
     busybox = find_busybox().read_bytes()
     init = (runtimes_dir() / "vm" / "init").read_bytes()
-    key = hashlib.sha256(b"\0".join([kernel.version.encode(), busybox, init])).hexdigest()[:16]
+    modules = " ".join(sorted(kernel.deps)).encode()
+    key = hashlib.sha256(b"\0".join([kernel.version.encode(), busybox, init, modules])).hexdigest()[:16]
     path = kernel.root / f"initramfs-{key}.cpio"
     if path.is_file():
         return path

@@ -40,7 +40,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from .guestkernel import (
     BASE_MODULES,
     NET_MODULES,
     PROBE_MARKER,
+    ROOT_MODULES,
     SHARE_MODULES,
     GuestKernel,
     build_initramfs,
@@ -76,7 +77,6 @@ log = logging.getLogger(__name__)
 AGENT_COMMAND = ["python3", "-u", "/opt/hotbox/python/agent.py"]
 VIRTIOFSD_CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 _SOCKET_PATH_MAX = 107
-DATA_SERIAL = "hotbox-data"  # the serial of a VM's /data drive, by which the guest finds it
 
 
 def find_qemu() -> str:
@@ -142,14 +142,14 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
               shares: list[tuple[str, Path]] | None = None, net: bool = False, name: str = "hotbox",
               hostfwd: Mapping[int, int] | None = None, restrict: bool = False, qmp_sock: Path | None = None,
               incoming: bool = False, root_format: str = "raw", root_snapshot: bool = True,
-              data_disk: Path | None = None) -> list[str]:
+              disks: Sequence[tuple[str, Path]] = ()) -> list[str]:
     """The QEMU command line of one microVM (pure: unit-tested).
 
     ``hostfwd`` (guest port -> 127.0.0.1 port) and ``restrict`` (no connection out of the guest) shape
     the user network; ``qmp_sock`` adds a QMP server, ``incoming`` waits for a migration stream (a
     restore); ``root_format``/``root_snapshot`` say how the root disk is opened (a qcow2 overlay that
-    takes the writes, or anything with a throw-away overlay on top). ``data_disk`` is a second drive
-    (serial ``hotbox-data``) right after the root disk, so a snapshot and its restores have the same devices.
+    takes the writes, or anything with a throw-away overlay on top). ``disks`` are (serial, file) drives
+    right after the root disk, so a snapshot and its restores have the same devices.
     """
     machine = "microvm"
     argv = [qemu, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -166,9 +166,9 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
              "-drive", f"id=root,file={rootfs},format={root_format},if=none,"
                        f"snapshot={'on' if root_snapshot else 'off'},cache=unsafe",
              "-device", "virtio-blk-device,drive=root"]
-    if data_disk is not None:
-        argv += ["-drive", f"id=data,file={data_disk},format=raw,if=none,cache=unsafe",
-                 "-device", f"virtio-blk-device,drive=data,serial={DATA_SERIAL}"]
+    for i, (serial, disk) in enumerate(disks):
+        argv += ["-drive", f"id=disk{i},file={disk},format=raw,if=none,cache=unsafe",
+                 "-device", f"virtio-blk-device,drive=disk{i},serial={serial}"]
     argv += ["-device", "virtio-serial-device",
              "-chardev", f"socket,id=out,path={out_sock}", "-device", "virtserialport,chardev=out,name=hotbox.out"]
     if agent_sock is not None:
@@ -335,7 +335,8 @@ class WarmLaunch:
     initrd: Path | None = None
     nonce: str | None = None
     incoming: bool = False
-    data: tuple[int, int, int] | None = None  # (MB, uid, gid): a fresh ext4 drive of that size, for /data
+    # (serial, MB, uid, gid): a fresh ext4 drive of that size at every start, e.g. a box's /data
+    disks: tuple[tuple[str, int, int, int], ...] = ()
 
 
 class _Vm:
@@ -411,6 +412,8 @@ class _Vm:
             modules += SHARE_MODULES
         if internet or hostfwd:
             modules += NET_MODULES
+        if launch is not None and launch.disks:
+            modules += ROOT_MODULES
         order = kernel.load_order(modules)
         env = cfg.env_dict()
         command = list(cfg.command)
@@ -448,14 +451,13 @@ class _Vm:
             await anyio.to_thread.run_sync(make_overlay, self.handle.path, root)
         elif launch is not None and launch.root is not None:
             root, root_format = launch.root, "qcow2"
-        data_disk = None
-        if launch is not None and launch.data is not None:
+        disks: list[tuple[str, Path]] = []
+        for serial, size_mb, uid, gid in launch.disks if launch is not None else ():
             from ..box.storage import make_disk_image
 
-            data_disk = d / "data.img"
-            size_mb, uid, gid = launch.data
-            await anyio.to_thread.run_sync(make_disk_image, data_disk, size_mb, uid, gid,
-                                           f"the /data size of {size_mb} MB (disk-size)")
+            disks.append((serial, d / f"{serial}.img"))
+            await anyio.to_thread.run_sync(make_disk_image, disks[-1][1], size_mb, uid, gid,
+                                           f"the {size_mb} MB drive {serial} (disk-size)")
         argv = qemu_argv(
             qemu=self.backend.qemu, accel=self.accel, vcpus=cfg.vcpus, memory_mib=cfg.memory_mib,
             vmlinux=kernel.vmlinux, initrd=initrd, append=kernel_cmdline(self.accel, token),
@@ -463,7 +465,7 @@ class _Vm:
             klog=d / "console.log", agent_sock=agent_sock, shares=share_socks, net=internet,
             name=f"hotbox-{self.rundir.vm_id}", hostfwd=hostfwd, restrict=not internet,
             qmp_sock=self.qmp_sock, incoming=launch is not None and launch.incoming,
-            root_format=root_format, root_snapshot=root_snapshot, data_disk=data_disk)
+            root_format=root_format, root_snapshot=root_snapshot, disks=disks)
         qlog = open(d / "qemu.log", "wb")  # noqa: SIM115 - closed in close()
         self._log_files.append(qlog)
         env_q = {**os.environ, "TMPDIR": str(d)}  # snapshot=on puts its overlay in TMPDIR: ours is reaped

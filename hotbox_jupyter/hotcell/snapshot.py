@@ -494,7 +494,7 @@ def _check_args(program: Any, guest_ports: Any) -> tuple[list[str], list[int]]:
 
 async def start_warm_vm(backend: VmmBackend, config: VmConfig, handle: RootfsHandle, *, program: list[str],
                         guest_ports: list[int], key_extra: str = "",
-                        data: tuple[int, int, int] | None = None) -> WarmVm:
+                        disks: tuple[tuple[str, int, int, int], ...] = ()) -> WarmVm:
     """A VM whose ``program`` is waiting in ``hotbox_warm.wait_for_start()``: restored from the cached
     snapshot of its key, or cold-booted (and then saved for the next caller).
 
@@ -503,8 +503,9 @@ async def start_warm_vm(backend: VmmBackend, config: VmConfig, handle: RootfsHan
     forwarded from fresh 127.0.0.1 ports (``WarmVm.host_ports``); without ``tsi=internet`` the guest
     can reach nothing else. Raises ConfigError for bad arguments, VmmUnavailableError when the backend
     cannot make warm VMs (only QEMU can), VmBootError when the guest or the program does not come up.
-    A snapshot that fails to restore is discarded and the VM cold-boots instead. ``data`` (MB, uid,
-    gid) adds a fresh ext4 drive for every start (see ``WarmLaunch.data``; its size belongs in ``key_extra``).
+    A snapshot that fails to restore is discarded and the VM cold-boots instead. ``disks``
+    (serial, MB, uid, gid) are fresh ext4 drives made for every start (``WarmLaunch.disks``; their serials
+    and sizes belong in ``key_extra``).
     """
     program, guest_ports = _check_args(program, guest_ports)
     if not isinstance(backend, QemuBackend):
@@ -524,21 +525,21 @@ async def start_warm_vm(backend: VmmBackend, config: VmConfig, handle: RootfsHan
         snap = store.lookup(key)
         if snap is not None:
             try:
-                warm = await _restore(backend, config, handle, program, guest_ports, snap, data)
+                warm = await _restore(backend, config, handle, program, guest_ports, snap, disks)
                 warm.snapshot_key = key
                 return warm
             except VmBootError as exc:
                 log.warning("snapshot %s did not restore, cold-booting instead: %s", key, exc)
                 store.discard(key)
-    return await _cold_boot(backend, config, handle, program, guest_ports, store if can_save else None, key, data)
+    return await _cold_boot(backend, config, handle, program, guest_ports, store if can_save else None, key, disks)
 
 
 async def _cold_boot(backend: QemuBackend, config: VmConfig, handle: RootfsHandle, program: list[str],
                      guest_ports: list[int], store: SnapshotStore | None, key: str,
-                     data: tuple[int, int, int] | None = None) -> WarmVm:
+                     disks: tuple[tuple[str, int, int, int], ...] = ()) -> WarmVm:
     ports = _forwards(guest_ports)
     vm = backend.new_warm_vm(config, handle, WarmLaunch(program=program, hostfwd=ports,
-                                                        fresh_overlay=store is not None, data=data))
+                                                        fresh_overlay=store is not None, disks=disks))
     t0 = time.monotonic()
     await vm.start(RunInfo())
     warm = WarmVm(vm, host_ports=ports, restored=False)
@@ -561,12 +562,12 @@ async def _cold_boot(backend: QemuBackend, config: VmConfig, handle: RootfsHandl
 
 
 async def _restore(backend: QemuBackend, config: VmConfig, handle: RootfsHandle, program: list[str],
-                   guest_ports: list[int], snap: Path, data: tuple[int, int, int] | None = None) -> WarmVm:
+                   guest_ports: list[int], snap: Path, disks: tuple[tuple[str, int, int, int], ...] = ()) -> WarmVm:
     meta = json.loads((snap / "meta.json").read_text())
     ports = _forwards(guest_ports)
     vm = backend.new_warm_vm(config, handle, WarmLaunch(
         program=program, hostfwd=ports, root=snap / "root.qcow2", initrd=snap / "initrd.cpio",
-        nonce=str(meta["nonce"]), incoming=True, data=data))
+        nonce=str(meta["nonce"]), incoming=True, disks=disks))
     t0 = time.monotonic()
     await vm.start(RunInfo())
     log.debug("restore: QEMU up and connected in %.3f s", time.monotonic() - t0)

@@ -4,17 +4,20 @@ The host boots (or restores) a VM running this file; it waits in ``hotbox_warm.w
 every task starts from a snapshot with the interpreter already loaded. The start payload is the task:
 
     {"argv": [...], "env": {...}, "workdir": "/", "user": "65534:65534", "read_only": true,
-     "tmp_mb": 128, "pids": 100, "caps": ["CHOWN", ...], "stdin": BASE64 | null}
+     "tmp_mb": 128, "pids": 100, "caps": ["CHOWN", ...], "data_disk": true, "root_disk": false,
+     "stdin": BASE64 | null}
 
-It then shapes the guest like a box (a size-limited tmpfs /tmp, /data, a read-only root for a default
-box, a pids cgroup) and confines the task the way runc confines a container's process: the task runs
-under a small init (:func:`box_init`, pid 1 of a pid namespace of its own, so ``kill -9 -1`` reaches
-only the box's processes) in a mount namespace with a fresh /proc, runc's masked and read-only /proc
-paths, a read-only /sys and a /dev of the harmless devices only; it becomes the box's user with only
-the ``caps`` capabilities (bounding set included), no ambient ones and no_new_privs (:func:`confine`).
-It forwards the task's output. Messages
+It then shapes the guest like a box (a size-limited tmpfs /tmp, /data on the host's fresh drive of the
+size's disk, a read-only root for a default box, a pids cgroup) and confines the task the way runc
+confines a container's process: the task runs under a small init (:func:`box_init`, pid 1 of a pid
+namespace of its own, so ``kill -9 -1`` reaches only the box's processes) in a mount namespace with a
+fresh /proc, runc's masked and read-only /proc paths, a read-only /sys and a /dev of the harmless
+devices only (and, for a writable box, a root whose writes go to a drive of the size's disk:
+:func:`overlay_root`); it becomes the box's user with only the ``caps`` capabilities (bounding set
+included), no ambient ones and no_new_privs (:func:`confine`). It forwards the task's output. Messages
 to the host: ``{"t": "out" | "err", "b": BASE64}``, then ``{"t": "exit", "code": N, "oom": bool,
-"pids": bool, "full": "data" | null}``. From the host: ``{"op": "signal", "sig": N}`` (to the whole process group).
+"pids": bool, "full": "root" | "data" | null}``. From the host: ``{"op": "signal", "sig": N}`` (to the
+whole process group).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVA
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
 BLKFLSBUF = 0x1261
-DATA_SERIAL = "hotbox-data"  # hotbox_jupyter.hotcell.qemu.DATA_SERIAL
+DATA_SERIAL, ROOT_SERIAL = "hotbox-data", "hotbox-root"  # hotbox_jupyter.box.vmtier's
+STAGE = "/hotcell"  # in the box's mount namespace, a private tmpfs there holds its root drive and overlay
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
 CAPS = {name: n for n, name in enumerate((
     "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
@@ -106,20 +110,6 @@ def make_cgroup(pids: int) -> str | None:
         return None
 
 
-def full_disk(task: dict) -> str | None:
-    """"data" when the /data drive is (almost) full as the task ends, as the host judges its own disks
-    (hotbox_jupyter.box.storage.disk_full: under 2 MB or 1 % free, or under 4 inodes)."""
-    if not task.get("data_disk"):
-        return None
-    try:
-        st = os.statvfs("/data")
-    except OSError:
-        return None
-    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-    full = free < max(2 << 20, size // 100) or (st.f_files > 0 and st.f_favail < 4)
-    return "data" if full else None
-
-
 def pids_hit(group: str | None) -> bool:
     if group is None:
         return False
@@ -130,28 +120,64 @@ def pids_hit(group: str | None) -> bool:
         return False
 
 
-def mount_data_disk() -> None:
-    """The host's fresh ext4 drive of the size's disk_mb (serial DATA_SERIAL) at /data, nosuid,nodev.
-
-    The drive was there when the VM was saved, with another file behind it: its cached blocks go first."""
+def fresh_drive(serial: str) -> str:
+    """The device of the host's fresh ext4 drive ``serial``. The drive was there when the VM was saved,
+    with another file behind it: its cached blocks are dropped first."""
     for dev in sorted(os.listdir("/sys/block")):
         try:
             with open(f"/sys/block/{dev}/serial") as f:
-                if f.read().strip() != DATA_SERIAL:
+                if f.read().strip() != serial:
                     continue
         except OSError:
             continue
-        node = f"/dev/{dev}"
-        fd = os.open(node, os.O_RDONLY)
+        fd = os.open(f"/dev/{dev}", os.O_RDONLY)
         try:
             fcntl.ioctl(fd, BLKFLSBUF)
         finally:
             os.close(fd)
-        must(mount(node, "/data", "ext4", MS_NOSUID | MS_NODEV, None), f"mounting {node} at /data")
-        with contextlib.suppress(OSError):
-            os.rmdir("/data/lost+found")
-        return
-    raise OSError(f"the /data drive (serial {DATA_SERIAL}) is not in this VM")
+        return f"/dev/{dev}"
+    raise OSError(f"the drive {serial} is not in this VM")
+
+
+def mount_data_disk() -> None:
+    """/data: the size's disk_mb drive, nosuid,nodev, as a box's /data disk."""
+    node = fresh_drive(DATA_SERIAL)
+    must(mount(node, "/data", "ext4", MS_NOSUID | MS_NODEV, None), f"mounting {node} at /data")
+    with contextlib.suppress(OSError):
+        os.rmdir("/data/lost+found")
+
+
+def overlay_root() -> None:
+    """In the box's mount namespace, a writable box's root: the image's root under an overlay whose upper
+    layer is on the size's disk_mb drive (as a container's writable layer is on its RootDisk), with the
+    runner's mounts carried over; then the box is chrooted into it."""
+    node = fresh_drive(ROOT_SERIAL)
+    must(mount("tmpfs", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "mode=700,size=64k"), f"mounting {STAGE}")
+    disk, new = f"{STAGE}/disk", f"{STAGE}/root"
+    os.mkdir(disk)
+    os.mkdir(new)
+    must(mount(node, disk, "ext4", MS_NODEV, None), f"mounting {node}")
+    os.mkdir(f"{disk}/upper")
+    os.mkdir(f"{disk}/work")
+    must(mount("overlay", new, "overlay", 0, f"lowerdir=/,upperdir={disk}/upper,workdir={disk}/work"),
+         "mounting the overlay root (is the overlay module loaded?)")
+    for path in ("/sys", "/tmp", "/data", "/opt/hotbox", "/.hotbox"):
+        if os.path.isdir(path) and os.path.isdir(new + path):
+            must(mount(path, new + path, None, MS_BIND | MS_REC, None), f"carrying {path} over")
+    os.chdir(new)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def full(path: str) -> bool:
+    """Whether the file system at ``path`` is (almost) full, as the host judges its own disks
+    (hotbox_jupyter.box.storage.disk_full: under 2 MB or 1 % free, or under 4 inodes)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    return free < max(2 << 20, size // 100) or (st.f_files > 0 and st.f_favail < 4)
 
 
 def shape_guest(task: dict) -> str | None:
@@ -172,20 +198,15 @@ def shape_guest(task: dict) -> str | None:
     return group
 
 
-def confine_mounts() -> None:
-    """In a new mount namespace: the box's view of /proc, /sys and /dev, as runc sets up a container's."""
+def confine_mounts(root_disk: bool) -> None:
+    """In a new mount namespace: the box's view of /proc, /sys and /dev, as runc sets up a container's
+    (and a writable box's root on its drive, ``root_disk``)."""
     must(_libc.unshare(CLONE_NEWNS) == 0, "unshare(CLONE_NEWNS)")
     must(mount(None, "/", None, MS_REC | MS_PRIVATE, None), "making the mounts private")
+    if root_disk:
+        overlay_root()
     locked = MS_NOSUID | MS_NODEV | MS_NOEXEC
     must(mount("proc", "/proc", "proc", locked, None), "mounting /proc")  # this pid namespace's
-    for path in MASKED:
-        if os.path.isdir(path):
-            mount("tmpfs", path, "tmpfs", MS_RDONLY | locked, "size=0")
-        elif os.path.exists(path):
-            must(mount("/dev/null", path, None, MS_BIND, None), f"masking {path}")
-    for path in (*READ_ONLY, "/sys", CGROUP):
-        if os.path.exists(path) and mount(path, path, None, MS_BIND | MS_REC, None):
-            must(mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | locked, None), f"making {path} read-only")
     must(mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k"), "mounting /dev")
     for name, major, minor in DEVICES:
         os.mknod(f"/dev/{name}", 0o666 | 0o020000, os.makedev(major, minor))
@@ -198,6 +219,14 @@ def confine_mounts() -> None:
     for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"/dev/{name}")
+    for path in MASKED:
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | locked, "size=0")
+        elif os.path.exists(path):
+            must(mount("/dev/null", path, None, MS_BIND, None), f"masking {path}")
+    for path in (*READ_ONLY, "/sys", CGROUP):
+        if os.path.exists(path) and mount(path, path, None, MS_BIND | MS_REC, None):
+            must(mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | locked, None), f"making {path} read-only")
 
 
 class _CapHeader(ctypes.Structure):
@@ -228,20 +257,21 @@ def confine(caps: list[str], uid: int, gid: int) -> None:
     must(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "setting no_new_privs")
 
 
-def box_init(group: str | None, start: object) -> int:
+def box_init(group: str | None, start: object, root_disk: bool, report: int) -> int:
     """Pid 1 of the box's pid namespace (a container's tini): the box's mounts, then ``start()`` in a
     child, zombies reaped, its status returned (128 + N for a signal). Signals to the process group
     reach the task; this init ignores them (pid 1 without handlers), only SIGKILL ends it, and with it
-    every process of the box."""
+    every process of the box. "root" is written to fd ``report`` when the root drive ended up full."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     if group is not None:
         with open(os.path.join(group, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
-    confine_mounts()
+    confine_mounts(root_disk)
     pid = os.fork()
     if pid == 0:
         try:
+            os.close(report)
             start()  # type: ignore[operator]
         except BaseException:
             traceback.print_exc()
@@ -249,7 +279,7 @@ def box_init(group: str | None, start: object) -> int:
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)  # the task's pipes end with the task's processes, not with this init
-    os.closerange(3, 1 << 16)
+    os.closerange(report + 1, 1 << 16)
     while True:
         try:
             child, status = os.waitpid(-1, 0)
@@ -257,6 +287,8 @@ def box_init(group: str | None, start: object) -> int:
             return 126
         if child == pid:
             code = os.waitstatus_to_exitcode(status)
+            if root_disk and full("/"):  # the overlay tells its upper layer's file system
+                os.write(report, b"root")
             return 128 - code if code < 0 else code
 
 
@@ -356,8 +388,9 @@ def run_python(kind: str, target: str, args: list[str], unbuffered: bool, env: d
 class Forked:
     """The box's init, forked, with the interface of subprocess.Popen that main() uses."""
 
-    def __init__(self, pid: int, stdin: int | None, stdout: int, stderr: int) -> None:
+    def __init__(self, pid: int, stdin: int | None, stdout: int, stderr: int, report: int) -> None:
         self.pid = pid
+        self.report = report
         self.stdin = os.fdopen(stdin, "wb") if stdin is not None else None
         self.stdout = os.fdopen(stdout, "rb")
         self.stderr = os.fdopen(stderr, "rb")
@@ -365,6 +398,12 @@ class Forked:
     def wait(self) -> int:
         _, status = os.waitpid(self.pid, 0)
         return os.waitstatus_to_exitcode(status)
+
+    def full_disk(self) -> str | None:
+        """After wait(): "root" when the box's init found the root drive full, "data" for /data, or None."""
+        said = os.read(self.report, 16)
+        os.close(self.report)
+        return "root" if said == b"root" else "data" if full("/data") else None
 
 
 def exec_program(argv: list[str], env: dict) -> None:
@@ -380,13 +419,14 @@ def exec_program(argv: list[str], env: dict) -> None:
 
 
 def start_box(argv: list[str], py: tuple[str, str, list[str], bool] | None, env: dict, workdir: str,
-              want_stdin: bool, group: str | None, setup: object) -> Forked:
+              want_stdin: bool, group: str | None, setup: object, root_disk: bool) -> Forked:
     """Fork the box's init (pid 1 of a new pid namespace, in a session of its own) and, under it, the
     task: ``setup()`` (user, capabilities), then a fork of this interpreter running ``py`` or ``argv``
     exec'd. Its stdin, stdout and stderr are pipes to this runner."""
     in_r, in_w = os.pipe() if want_stdin else (os.open(os.devnull, os.O_RDONLY), None)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    rep_r, rep_w = os.pipe()
     # The next child, the box's init, is pid 1 of a new pid namespace; then this runner's own children (its
     # threads included, which cannot be made while the two differ) are back in its own namespace.
     own = os.open("/proc/self/ns/pid", os.O_RDONLY)
@@ -403,10 +443,10 @@ def start_box(argv: list[str], py: tuple[str, str, list[str], bool] | None, env:
     if pid == 0:
         try:
             os.setsid()
-            for src, dst in ((in_r, 0), (out_w, 1), (err_w, 2)):
+            for src, dst in ((in_r, 0), (out_w, 1), (err_w, 2), (rep_w, 3)):
                 os.dup2(src, dst)
-            os.closerange(3, 1 << 16)
-            os._exit(box_init(group, task))
+            os.closerange(4, 1 << 16)
+            os._exit(box_init(group, task, root_disk, 3))
         except BaseException:
             traceback.print_exc()
             os._exit(126)
@@ -414,9 +454,9 @@ def start_box(argv: list[str], py: tuple[str, str, list[str], bool] | None, env:
         must(_libc.setns(own, CLONE_NEWPID) == 0, "setns(CLONE_NEWPID)")
     finally:
         os.close(own)
-    for fd in (in_r, out_w, err_w):
+    for fd in (in_r, out_w, err_w, rep_w):
         os.close(fd)
-    return Forked(pid, in_w, out_r, err_r)
+    return Forked(pid, in_w, out_r, err_r, rep_r)
 
 
 def pump(fd: int, kind: str) -> None:
@@ -461,7 +501,7 @@ def main() -> int:
     env = task.get("env") or {}
     workdir = task.get("workdir") or "/"
     proc = start_box(task["argv"], python_target(task["argv"], env), env, workdir, stdin is not None, group,
-                     child_setup)
+                     child_setup, bool(task.get("root_disk")))
     pumps = [threading.Thread(target=pump, args=(proc.stdout.fileno(), "out"), daemon=True),
              threading.Thread(target=pump, args=(proc.stderr.fileno(), "err"), daemon=True)]
     for t in pumps:
@@ -496,7 +536,7 @@ def main() -> int:
     if code < 0:
         code = 128 - code
     hotbox_warm.send({"t": "exit", "code": code, "oom": oom_kills() > before, "pids": pids_hit(group),
-                      "full": full_disk(task)})
+                      "full": proc.full_disk()})
     return 0
 
 

@@ -36,10 +36,6 @@ KNOWN_HOLES: dict[tuple[str, str], tuple[str, bool]] = {
 }
 _NO_HOT = "/hot is not mounted in a microvm box (virtio-fs is not part of its snapshot)"
 KNOWN_HOLES.update({
-    ("test_writable_root_fill_stops_at_the_size_disk", "microvm"): (
-        "the writable root is the VM's root disk, bounded by the image's disk, not by the size's disk", True),
-    ("test_writable_root_inode_flood_is_contained", "microvm"): (
-        "the VM's root disk has inodes to spare: the loop runs into the timeout under TCG, not ENOSPC", False),
     ("test_hot_storage_fill_stops_at_the_quota", "microvm"): (_NO_HOT, True),
     ("test_setuid_file_planted_through_hot_is_inert_on_the_host", "microvm"): (_NO_HOT, True),
     ("test_device_node_through_hot_cannot_be_made", "microvm"): (_NO_HOT, True),

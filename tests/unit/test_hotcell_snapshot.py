@@ -96,3 +96,16 @@ def test_qemu_argv_of_a_warm_vm(tmp_path: Path) -> None:
     plain = " ".join(qemu_argv(**common, rootfs=tmp_path / "r.ext4"))
     assert "-netdev" not in plain and "-qmp" not in plain and "-incoming" not in plain
     assert "format=raw,if=none,snapshot=on" in plain
+    assert "serial=" not in plain
+
+
+def test_qemu_argv_puts_a_box_vm_s_drives_right_after_its_root(tmp_path: Path) -> None:
+    """The /data and root drives come in the same order at a cold boot and at every restore, found by serial."""
+    common: dict[str, Any] = {"qemu": "q", "accel": "tcg", "vcpus": 1, "memory_mib": 256, "vmlinux": tmp_path,
+                              "initrd": tmp_path, "append": "", "out_sock": tmp_path / "o", "klog": tmp_path / "k"}
+    argv = qemu_argv(**common, rootfs=tmp_path / "r.ext4",
+                     disks=[("hotbox-data", tmp_path / "d.img"), ("hotbox-root", tmp_path / "u.img")])
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device" and "virtio-blk" in argv[i + 1]]
+    assert devices == ["virtio-blk-device,drive=root", "virtio-blk-device,drive=disk0,serial=hotbox-data",
+                       "virtio-blk-device,drive=disk1,serial=hotbox-root"]
+    assert f"id=disk0,file={tmp_path}/d.img,format=raw,if=none,cache=unsafe" in argv
