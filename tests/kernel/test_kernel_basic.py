@@ -108,6 +108,10 @@ def test_basic_python_box_dies_plainly_and_the_next_cell_gets_a_fresh_box() -> N
         assert r["status"] == "ok", r.get("evalue")
         r = execute(kc, "import os\nos._exit(7)")
         assert r["status"] == "error" and "exit" in r["evalue"], r
+        # requests that pile up while the fresh sandbox starts each get their answer
+        asked = [kc.kernel_info() for _ in range(3)]
+        answered = {kc.get_shell_msg(timeout=60)["parent_header"].get("msg_id") for _ in asked}
+        assert answered == set(asked)
         r = execute(kc, "'again'")
         assert r["status"] == "ok" and value(r) == "'again'", r.get("evalue")
         assert "fresh one" in out(r, "stderr") and "only basic Python" in out(r, "stderr")
