@@ -18,7 +18,14 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from kernel_protocol import execute, kernelspecs
 from test_kernel_conformance import Samples
-from test_sandboxed_kernels import interrupt_a_running_cell, of_type, out, sandboxed_kernel, value
+from test_sandboxed_kernels import (
+    interrupt_a_running_cell,
+    of_type,
+    out,
+    sandboxed_kernel,
+    value,
+    wait_for_output,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.docker, pytest.mark.slow]
 
@@ -102,8 +109,8 @@ def test_basic_python_keeps_state_says_why_once_and_takes_an_interrupt(kind: str
         assert value(execute(kc, "kept")) == "41"
 
 
-def test_basic_python_box_dies_plainly_and_the_next_cell_gets_a_fresh_box() -> None:
-    with sandboxed_kernel(NAMES["box"], basic_kernelspecs()) as (_km, kc, _pid):
+def test_a_basic_box_that_dies_or_ignores_an_interrupt_is_said_plainly_and_the_next_cell_gets_a_fresh_one() -> None:
+    with sandboxed_kernel(NAMES["box"], basic_kernelspecs()) as (km, kc, _pid):
         r = execute(kc, "gone_soon = 1")
         assert r["status"] == "ok", r.get("evalue")
         r = execute(kc, "import os\nos._exit(7)")
@@ -115,6 +122,17 @@ def test_basic_python_box_dies_plainly_and_the_next_cell_gets_a_fresh_box() -> N
         r = execute(kc, "'again'")
         assert r["status"] == "ok" and value(r) == "'again'", r.get("evalue")
         assert "fresh one" in out(r, "stderr") and "only basic Python" in out(r, "stderr")
+        # a cell that ignores the interrupt: its box is stopped after the grace, said so, and the next runs
+        msg_id = kc.execute("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                            "print('started', flush=True)\ntime.sleep(600)")
+        wait_for_output(kc, msg_id, "started")
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=60)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=60)
+        assert "did not stop within" in reply["content"]["evalue"], reply["content"]
+        r = execute(kc, "'third box'")
+        assert r["status"] == "ok" and value(r) == "'third box'", r.get("evalue")
 
 
 if __name__ == "__main__":
