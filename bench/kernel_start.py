@@ -49,9 +49,14 @@ def start_and_first_result(ksm: KernelSpecManager, name: str, env: dict[str, str
     t0 = time.perf_counter()
     km.start_kernel(env={**os.environ, **env})
     kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=600)
-    wait_idle(kc, kc.execute("1+1"), want_result=True)
+    try:
+        kc.start_channels()
+        kc.wait_for_ready(timeout=600)
+        wait_idle(kc, kc.execute("1+1"), want_result=True)
+    except BaseException:  # a kernel that did not answer is stopped, not left running after the program
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        raise
     return time.perf_counter() - t0, km, kc
 
 

@@ -6,7 +6,8 @@
     make bench BENCH="--only box_start"
 
 Every ``bench/*.py`` but this one and ``_*.py`` is a program; each runs in its own process, one after
-the other (they would disturb each other's timings otherwise). Programs that use ``bench/_report.py``
+the other (they would disturb each other's timings otherwise). ``tiers`` runs only when named (see
+:data:`STANDALONE`). The time each program took is in the results. Programs that use ``bench/_report.py``
 leave their rows in a JSON file the driver collects; the text of the others is kept as they printed it.
 Results: ``<out>/bench.json`` and ``<out>/bench.md``, with the machine they ran on.
 """
@@ -14,12 +15,15 @@ Results: ``<out>/bench.json`` and ``<out>/bench.md``, with the machine they ran 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 # The short version of the programs that take arguments rather than HOTBOX_BENCH_QUICK.
 QUICK_ARGS = {"vm_boot": ["--runs", "1", "--cells", "5"]}
 TIMEOUT_S = 600
+# Programs make bench leaves out (run them with --only), and why: make bench must fit in 10 minutes here.
+STANDALONE = {"tiers": "box_start measures the same first byte per tier, cold and warm, against docker run"}
 
 
 def machine() -> dict[str, Any]:
@@ -60,14 +66,15 @@ def _os_name() -> str:
 
 
 def programs(only: list[str] | None) -> list[Path]:
+    """The programs to run: every one but the :data:`STANDALONE` ones, or those ``only`` names."""
     found = sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
     if only:
         unknown = set(only) - {p.stem for p in found}
         if unknown:
             raise SystemExit(f"--only {','.join(sorted(unknown))}: no such program; "
                              f"there are {', '.join(p.stem for p in found)}")
-        found = [p for p in found if p.stem in only]
-    return found
+        return [p for p in found if p.stem in only]
+    return [p for p in found if p.stem not in STANDALONE]
 
 
 def run(prog: Path, quick: bool, out: Path) -> dict[str, Any]:
@@ -78,19 +85,32 @@ def run(prog: Path, quick: bool, out: Path) -> dict[str, Any]:
     print(f"\n=== {prog.name} {' '.join(argv[2:])}", flush=True)
     t0 = time.monotonic()
     lines: list[str] = []
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert proc.stdout is not None
-    try:
-        with proc.stdout:
-            for line in proc.stdout:
+    # Its own process group, so that a stop also ends what it started; read in a thread, so that neither a
+    # program that goes quiet nor a child of it still holding the pipe after it exited can hold the run up.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    stdout = proc.stdout
+    assert stdout is not None
+
+    def echo() -> None:
+        with contextlib.suppress(ValueError, OSError):
+            for line in stdout:
                 sys.stdout.write(line)
                 lines.append(line)
-                if time.monotonic() - t0 > TIMEOUT_S:
-                    proc.kill()
-                    lines.append(f"(stopped after {TIMEOUT_S} s)\n")
-                    break
-    finally:
-        rc = proc.wait()
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        lines.append(f"(stopped after {TIMEOUT_S} s)\n")
+        rc = -9
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever it left running
+    proc.wait()
+    reader.join(5)
+    if not reader.is_alive():  # else a child of it still holds the pipe: the daemon reader is left to it
+        stdout.close()
     seconds = time.monotonic() - t0
     result: dict[str, Any] = {"rc": rc, "seconds": round(seconds, 1)}
     report = out / f"{prog.stem}.json"
@@ -110,6 +130,11 @@ def markdown(results: dict[str, dict[str, Any]], info: dict[str, Any], quick: bo
            f"{', '.join(f'{x:.1f}' for x in m['load_at_start'])}.", "",
            "Every ratio is the figure's p50 over its baseline's p50, both measured in the same run "
            "(below 1 is faster than the baseline).", ""]
+    out += ["Time per program: " + ", ".join(f"{name} {res['seconds']:.0f} s" for name, res in results.items())
+            + ".", ""]
+    left = [f"`{name}` ({why})" for name, why in STANDALONE.items() if name not in results]
+    if left:
+        out += ["Left out (run with `--only`): " + "; ".join(left) + ".", ""]
     for name, res in results.items():
         if "rows" in res:
             rep = Report(name, res["title"], [Row(**{k: v for k, v in r.items() if k != "ratio"}) for r in res["rows"]],
@@ -141,7 +166,8 @@ def main() -> int:
     (args.out / "bench.json").write_text(json.dumps({"machine": info, "quick": args.quick, "seconds": round(total),
                                                      "programs": results}, indent=1))
     (args.out / "bench.md").write_text(markdown(results, info, args.quick, total))
-    print(f"\nwrote {args.out / 'bench.md'} and {args.out / 'bench.json'} ({total:.0f} s)")
+    print("\n" + ", ".join(f"{name} {res['seconds']:.0f} s" for name, res in results.items()))
+    print(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.json'} ({total:.0f} s)")
     failed = [name for name, res in results.items() if res["rc"] != 0]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
