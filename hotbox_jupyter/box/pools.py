@@ -16,11 +16,11 @@ A pool is keyed by :class:`PoolKey` (image, limits, network, isolation, waiter).
 background after a cell of that kind ran cold (or when :meth:`WarmPools.warm` asks), refilled after each
 hand-out (once the box handed out showed output), bounded per pool (``size``) and in total
 (``max_total``, and never more than the plan's ``max_concurrent`` minus the boxes running in the
-project, so warm boxes only take free slots and give them back when a cold box needs one). A warm box is used once: its task removes it like any box.
-Billing starts at hand-out (the ledger admits the task then; a waiting box is not a task). Warm boxes
-carry the owner labels and a task directory with ``owner.json``, so the reaper of the next process
-finds what a crashed one left. Off by default: ``[hot.pool] enabled = true``, ``HOTBOX_POOL=on|N``,
-or ``%hotbox config --pool on``.
+project, so warm boxes only take free slots and give them back when a cold box needs one). A warm box is
+used once: its task removes it like any box. Billing starts at hand-out (the ledger admits the task
+then; a waiting box is not a task). Warm boxes carry the owner labels and a task directory with
+``owner.json``, so the reaper of the next process finds what a crashed one left. Off by default:
+``[hot.pool] enabled = true``, ``HOTBOX_POOL=on|N``, or ``%hotbox config --pool on``.
 """
 
 from __future__ import annotations
