@@ -34,6 +34,11 @@ from _report import Report, Row  # next to this file
 HERE = Path(__file__).resolve().parent
 # The short version of the programs that take arguments rather than HOTBOX_BENCH_QUICK.
 QUICK_ARGS = {"vm_boot": ["--runs", "1", "--cells", "5"]}
+# What make bench gives the programs of the other parts (VMs, kernels, swarm), whose own defaults take
+# longer: enough samples for a stable median (their figures are medians and p50/p95), and all of make
+# bench within 10 minutes here.
+FULL_ARGS = {"vm_boot": ["--runs", "3", "--cells", "15"], "kernel_start": ["--starts", "2", "--cells", "20"],
+             "swarm": ["--runs", "6", "--many-runs", "2"]}
 TIMEOUT_S = 600
 # Programs make bench leaves out (run them with --only), and why: make bench must fit in 10 minutes here.
 STANDALONE = {"tiers": "box_start measures the same first byte per tier, cold and warm, against docker run"}
@@ -81,7 +86,7 @@ def run(prog: Path, quick: bool, out: Path) -> dict[str, Any]:
     """Run one program, its output shown as it comes and kept."""
     env = {**os.environ, "HOTBOX_BENCH_OUT": str(out), "HOTBOX_BENCH_QUICK": "1" if quick else "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, str(prog), *(QUICK_ARGS.get(prog.stem, []) if quick else [])]
+    argv = [sys.executable, str(prog), *(QUICK_ARGS if quick else FULL_ARGS).get(prog.stem, [])]
     print(f"\n=== {prog.name} {' '.join(argv[2:])}", flush=True)
     t0 = time.monotonic()
     lines: list[str] = []
