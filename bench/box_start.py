@@ -11,6 +11,12 @@ rounds that alternate the variants (so that load from elsewhere hits them alike)
 * **baseline** ``docker run --rm`` of the same locked-down box (the CLI process included, since that
   is what a user would otherwise run).
 
+Where the engine floor's time goes is split into phases with containerd's own event times (``ctr events``
+on dockerd's containerd, when ``ctr`` is installed): dockerd's create; its work from ``start`` to
+containerd's container record (mounts, network namespace, OCI spec); the shim and ``runc create``
+(namespaces, cgroups, root filesystem, seccomp) up to containerd's task create; ``runc start``; and the
+box's own process until its first byte.
+
 Usage: ``python bench/box_start.py [--runs N] [--image IMAGE] [--size SIZE]``; ``HOTBOX_BENCH_TIERS=container,gvisor``
 picks tiers (default: every tier ``box.available_tiers()`` lists).
 """
@@ -19,10 +25,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from _report import Report, quick
@@ -73,6 +83,48 @@ def cli_first_byte(argv: list[str]) -> float:
     return first
 
 
+CONTAINERD_SOCK = "/var/run/docker/containerd/containerd.sock"  # dockerd's own containerd (Docker 20.10)
+PHASES = ("dockerd create", "dockerd start -> containerd record", "shim + runc create", "runc start",
+          "box process -> first byte")
+
+
+class ContainerdEvents:
+    """The times containerd reports for each container (``ctr events`` of dockerd's namespace), if it can."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str], float] = {}
+        self.proc: subprocess.Popen[str] | None = None
+        if shutil.which("ctr") and Path(CONTAINERD_SOCK).exists():
+            self.proc = subprocess.Popen(["ctr", "-a", CONTAINERD_SOCK, "-n", "moby", "events"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        # 2026-12-04 21:55:18.486762793 +0000 UTC moby /tasks/create {"container_id":"9da4...", ...}
+        line_re = re.compile(r'(\S+ \S+) \+0000 UTC moby (\S+) \{"(?:container_)?id":"([0-9a-f]{64})"')
+        for line in self.proc.stdout:
+            m = line_re.match(line)
+            if m:
+                when = datetime.strptime(m.group(1)[:26], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)
+                self.seen.setdefault((m.group(3), m.group(2)), when.timestamp())
+
+    def times(self, cid: str, topics: tuple[str, ...], wait: float = 1.0) -> list[float] | None:
+        """The wall-clock times of ``topics`` for container ``cid``, or None if containerd did not say."""
+        deadline = time.monotonic() + wait
+        while self.proc is not None and time.monotonic() < deadline:
+            found = [self.seen.get((cid, t)) for t in topics]
+            if all(x is not None for x in found):
+                return [float(x) for x in found if x is not None]
+            time.sleep(0.02)
+        return None
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class EngineFloor:
     """hotbox's own container spec, run through docker-py with nothing around it."""
 
@@ -91,27 +143,37 @@ class EngineFloor:
                             state_dir=scratch / "state", labels={**this_owner().labels()},
                             extra_env={"TINI_KILL_PROCESS_GROUP": "1"})
         self.n = 0
+        self.events = ContainerdEvents()
+        self.phases: dict[str, list[float]] = {name: [] for name in PHASES}
 
     def first_byte(self) -> float:
         self.n += 1
         self.spec.task_id = f"bench-floor-{os.getpid()}-{self.n}"
-        t0 = time.perf_counter()
+        wall0, t0 = time.time(), time.perf_counter()
         cid = self.engine.create(self.spec)
+        created = time.time()
         try:
             stream = self.engine.attach(cid, False)
+            started = time.time()
             self.engine.start(cid)
             frames = stream.read_frames()
             first = time.perf_counter() - t0
+            got = wall0 + first
             if not frames:
                 raise SystemExit("the engine-floor container printed nothing")
             while stream.read_frames() is not None:
                 pass
             stream.close()
+            marks = self.events.times(cid, ("/containers/create", "/tasks/create", "/tasks/start"))
+            if marks is not None:  # (attach, between create and start, is a few ms and left out)
+                for name, a, b in zip(PHASES, [wall0, started, *marks], [created, *marks, got], strict=True):
+                    self.phases[name].append(max(0.0, b - a))
         finally:
             self.engine.remove(cid)
         return first
 
     def close(self) -> None:
+        self.events.close()
         self.engine.close()
 
 
@@ -141,6 +203,8 @@ def measure_tier(rep: Report, tier: str, args: argparse.Namespace, scratch: Path
             cli_first_byte(cli)
         if floor:
             floor.first_byte()
+            for xs in floor.phases.values():  # the warm-up's phases are not samples
+                xs.clear()
         for _ in range(args.runs if tier != "microvm" else min(args.runs, 5)):  # seconds each under TCG
             cold.append(hotbox_first_byte(conf))
             if floor:
@@ -164,6 +228,9 @@ def measure_tier(rep: Report, tier: str, args: argparse.Namespace, scratch: Path
         rep.add(tier, "warm box.start() -> first byte", "s", warm, base, note=WARM_NOTE)
     else:
         rep.notes.append(f"{tier}: no warm pool (a microvm box starts from a restored snapshot instead).")
+    if floor and all(floor.phases.values()):
+        for name, xs in floor.phases.items():
+            rep.add(tier, f"engine floor phase: {name}", "s", xs, note="containerd's event times")
     if floor_s:
         fl = rep.add(tier, "engine floor: hotbox's container via docker-py", "s", floor_s, base)
         rep.notes.append(f"{tier}: cold target <= {COLD_TARGET:.2f}x docker run: "
@@ -171,7 +238,8 @@ def measure_tier(rep: Report, tier: str, args: argparse.Namespace, scratch: Path
                          f"({row.ratio:.2f}x). hotbox adds {1000 * (row.stats['p50'] - fl.stats['p50']):.0f} ms "
                          f"(p50) above the engine floor of {1000 * fl.stats['p50']:.0f} ms, which is "
                          f"{fl.ratio:.2f}x docker run: the engine's create + attach + start "
-                         f"(dockerd, containerd, {'runsc' if tier == 'gvisor' else 'runc'}) is the rest.")
+                         f"(dockerd, containerd, {'runsc' if tier == 'gvisor' else 'runc'}) is the rest "
+                         "(its phases are the 'engine floor phase' rows, when ctr could read containerd's events).")
 
 
 def main() -> int:
