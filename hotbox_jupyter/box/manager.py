@@ -377,6 +377,9 @@ class TaskManager:
             return _full_message("root", lim)
         if disk_full(disk.path):
             return _full_message("data", lim)
+        return self._full_storage()
+
+    def _full_storage(self) -> str | None:
         if disk_full(self.storage.root):
             return f"the project's hot:// storage (/hot, {self.storage.quota_mb} MB, storage_mb in hot.toml)"
         return None
@@ -395,7 +398,9 @@ class TaskManager:
         try:
             with anyio.CancelScope() as pending:
                 task.pending_scope = pending
-                vm = await prepare_vm_box(engine, task.conf, task.limits, task.info.id, task.stdin, task.progress)
+                await self._thread(self.storage.ensure)
+                vm = await prepare_vm_box(engine, task.conf, task.limits, task.info.id, task.stdin, task.progress,
+                                          hot=self.storage.root)
             task.pending_scope = None
             if vm is not None and task.cancel_reason is None:
                 task.vm_signal = vm.signal
@@ -415,6 +420,8 @@ class TaskManager:
                     await vm.close()
                 task.feed_eof()
                 full = _full_message(str(state.get("DiskFull")), task.limits) if state else None
+                if full is None and vm is not None:
+                    full = await self._thread(self._full_storage)
                 await self._finish(task, exit_code, timed_out, state, error, full)
 
     async def _prepare(self, engine: Engine, task: _Task, disk: DataDisk, tg: TaskGroup, pumped: anyio.Event) -> None:

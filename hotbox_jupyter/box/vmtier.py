@@ -19,8 +19,15 @@ container tier's capabilities (:data:`~.engine.WRITABLE_CAPS` for a writable box
 bounding set included) and no_new_privs. The VM has the size's memory (plus 64 MiB for the guest kernel)
 and vCPUs; a timeout or SIGKILL kills the VM.
 
-Differences from a container box, said plainly: ``/hot`` is not mounted (virtio-fs cannot be part of a
-snapshot, and Debian's cloud guest kernel has no 9p), there is no seccomp
+``/hot`` is the project's hot:// storage exported over virtio-9p (``WarmLaunch.hot``: in the snapshot's
+device set, never mounted before the snapshot, which 9p allows and virtio-fs does not), mounted by the
+runner after the restore, ``nosuid,nodev``, in the task's mount namespace. Box VMs therefore boot Debian's
+generic guest kernel (the cloud one has no 9p; see :mod:`..hotcell.guestkernel` for what it costs). Their
+QEMU runs as uid 65534, the storage's owner, so what the box writes there is owned as a container box's
+non-root writes are (root's chown to other owners is dropped, and no device node can be made), and the
+storage disk's quota stops a fill with ENOSPC ("disk" in the result, as for a container).
+
+Differences from a container box, said plainly: there is no seccomp
 filter inside the guest (the guest kernel is the VM's own), and an image without ``python3`` cold-boots
 every time with the command run by the VM's init (no user switch, no read-only root, no pids limit, no
 capability drop there).
@@ -71,7 +78,7 @@ async def shared_backend() -> Any:
         _backend_lock = anyio.Lock()
     async with _backend_lock:
         if _backend is None:
-            _backend = await anyio.to_thread.run_sync(QemuBackend)
+            _backend = await anyio.to_thread.run_sync(lambda: QemuBackend(kernel="generic"))
         return _backend
 
 
@@ -163,8 +170,9 @@ class VmBox:
 
 
 async def prepare_vm_box(engine: Engine, conf: BoxConf, limits: Limits, task_id: str, stdin: bytes | None,
-                         progress: Callable[[str], None]) -> VmBox:
+                         progress: Callable[[str], None], hot: Path | None = None) -> VmBox:
     """Image, root filesystem, and a VM waiting for the task (restored from its snapshot when there is one).
+    ``hot`` (the project's mounted hot:// storage) is shown to the task at /hot.
 
     Cancellable: a VM started here is stopped again when cancelled. Raises HotboxError subclasses.
     """
@@ -193,7 +201,7 @@ async def prepare_vm_box(engine: Engine, conf: BoxConf, limits: Limits, task_id:
         return VmBox(warm=None, backend=backend, handle=handle, vm_config=vm_config, payload={})
     payload = {"argv": argv, "env": env, "workdir": workdir, "user": limits.user, "read_only": limits.read_only,
                "tmp_mb": limits.tmp_mb, "pids": limits.pids, "caps": [] if limits.read_only else list(WRITABLE_CAPS),
-               "data_disk": True, "root_disk": not limits.read_only,
+               "data_disk": True, "root_disk": not limits.read_only, "hot": hot is not None,
                "stdin": base64.b64encode(stdin).decode() if stdin is not None else None}
     warm_config = vm_config.model_copy(update={"command": VMTASK, "env": [], "workdir": "/"})
     uid, _, gid = limits.user.partition(":")
@@ -201,7 +209,9 @@ async def prepare_vm_box(engine: Engine, conf: BoxConf, limits: Limits, task_id:
     if not limits.read_only:
         disks.append((ROOT_SERIAL, limits.disk_mb, 0, 0))
     warm = await start_warm_vm(backend, warm_config, handle, program=VMTASK, guest_ports=[],
-                               key_extra=";".join([KEY_EXTRA, *(f"{d[0]}={d[1]}" for d in disks)]), disks=tuple(disks))
+                               key_extra=";".join([KEY_EXTRA, *(f"{d[0]}={d[1]}" for d in disks),
+                                                   *(["hot"] if hot is not None else [])]),
+                               disks=tuple(disks), hot=hot)
     progress(f"microvm: {'restored from a snapshot' if warm.restored else 'cold-booted'} in "
              f"{warm.timings.start:.2f} s ({warm.accel.upper()}, {vm_config.vcpus} vCPU, {vm_config.memory_mib} MiB)")
     return VmBox(warm=warm, backend=backend, handle=handle, vm_config=vm_config, payload=payload)

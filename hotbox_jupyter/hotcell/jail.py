@@ -121,11 +121,15 @@ def confinement_reason() -> str | None:
     return None
 
 
-def jail_for(run_dir: Path) -> Jail | None:
-    """A jail for the VM of ``run_dir`` (its root mount point made there), or None when confinement is off."""
+def jail_for(run_dir: Path, uid: int | None = None) -> Jail | None:
+    """A jail for the VM of ``run_dir`` (its root mount point made there), or None when confinement is off.
+
+    ``uid`` replaces the VM's own uid where QEMU must write files as a given owner (a box's /hot over 9p).
+    """
     if confinement_reason() is not None:
         return None
-    uid = UID_BASE + secrets.randbelow(UID_SPAN)
+    if uid is None:
+        uid = UID_BASE + secrets.randbelow(UID_SPAN)
     root = run_dir / "jail"
     root.mkdir(mode=0o755, exist_ok=True)
     return Jail(uid=uid, gid=uid, root=root)

@@ -48,17 +48,19 @@ from typing import Any
 import anyio
 from anyio.abc import Process, SocketStream
 
-from ..errors import HotcellError, VmBootError, VmmUnavailableError
+from ..errors import ConfigError, HotcellError, VmBootError, VmmUnavailableError
 from ..settings import Settings, load_settings
 from .backend import Accel, BackendProbe, RootfsHandle, RunInfo
 from .config import VmConfig
 from .guestkernel import (
-    BASE_MODULES,
+    KERNEL_FLAVOURS,
     NET_MODULES,
+    NINEP_MODULES,
     PROBE_MARKER,
     ROOT_MODULES,
     SHARE_MODULES,
     GuestKernel,
+    GuestKernelFlavour,
     build_initramfs,
     ensure_kernel,
     probe_initramfs,
@@ -77,6 +79,10 @@ log = logging.getLogger(__name__)
 AGENT_COMMAND = ["python3", "-u", "/opt/hotbox/python/agent.py"]
 VIRTIOFSD_CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 _SOCKET_PATH_MAX = 107
+#: The 9p mount tag of a box's hot:// storage (runtimes/python/vmtask.py mounts it at /hot), and the uid
+#: its QEMU runs as: the storage's owner (box.storage.NOBODY_UID), so files come out as a container box's.
+HOT_TAG = "hotbox-hot"
+HOT_UID = 65534
 
 
 def find_qemu() -> str:
@@ -142,14 +148,16 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
               shares: list[tuple[str, Path]] | None = None, net: bool = False, name: str = "hotbox",
               hostfwd: Mapping[int, int] | None = None, restrict: bool = False, qmp_sock: Path | None = None,
               incoming: bool = False, root_format: str = "raw", root_snapshot: bool = True,
-              disks: Sequence[tuple[str, Path]] = ()) -> list[str]:
+              disks: Sequence[tuple[str, Path]] = (), hot: Path | None = None) -> list[str]:
     """The QEMU command line of one microVM (pure: unit-tested).
 
     ``hostfwd`` (guest port -> 127.0.0.1 port) and ``restrict`` (no connection out of the guest) shape
     the user network; ``qmp_sock`` adds a QMP server, ``incoming`` waits for a migration stream (a
     restore); ``root_format``/``root_snapshot`` say how the root disk is opened (a qcow2 overlay that
     takes the writes, or anything with a throw-away overlay on top). ``disks`` are (serial, file) drives
-    right after the root disk, so a snapshot and its restores have the same devices.
+    right after the root disk, so a snapshot and its restores have the same devices. ``hot`` is a host
+    directory exported over virtio-9p (tag :data:`HOT_TAG`): unlike virtio-fs it can be in a snapshot,
+    as long as the guest has not mounted it when the VM is saved.
     """
     machine = "microvm"
     argv = [qemu, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -169,6 +177,11 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
     for i, (serial, disk) in enumerate(disks):
         argv += ["-drive", f"id=disk{i},file={disk},format=raw,if=none,cache=unsafe",
                  "-device", f"virtio-blk-device,drive=disk{i},serial={serial}"]
+    if hot is not None:
+        # security_model=none: QEMU creates files as its own uid (chown to others is dropped), and
+        # cannot make device nodes; the storage disk under it is mounted nosuid,nodev on the host.
+        argv += ["-fsdev", f"local,id=hot,path={hot},security_model=none",
+                 "-device", f"virtio-9p-device,fsdev=hot,mount_tag={HOT_TAG}"]
     argv += ["-device", "virtio-serial-device",
              "-chardev", f"socket,id=out,path={out_sock}", "-device", "virtserialport,chardev=out,name=hotbox.out"]
     if agent_sock is not None:
@@ -337,6 +350,8 @@ class WarmLaunch:
     incoming: bool = False
     # (serial, MB, uid, gid): a fresh ext4 drive of that size at every start, e.g. a box's /data
     disks: tuple[tuple[str, int, int, int], ...] = ()
+    # A host directory exported over virtio-9p (a box's hot:// storage); QEMU then runs as HOT_UID.
+    hot: Path | None = None
 
 
 class _Vm:
@@ -407,13 +422,18 @@ class _Vm:
         launch = self.launch
         hostfwd = launch.hostfwd if launch is not None else {}
         internet = cfg.tsi.value == "internet"
-        modules = list(BASE_MODULES)
+        modules = kernel.boot_modules()
         if cfg.shared_dirs:
             modules += SHARE_MODULES
         if internet or hostfwd:
             modules += NET_MODULES
         if launch is not None and launch.disks:
             modules += ROOT_MODULES
+        if launch is not None and launch.hot is not None:
+            if not set(NINEP_MODULES) <= set(kernel.deps):
+                raise VmmUnavailableError(f"guest kernel {kernel.version} has no 9p modules for /hot; "
+                                          "the backend needs kernel='generic'")
+            modules += NINEP_MODULES
         order = kernel.load_order(modules)
         env = cfg.env_dict()
         command = list(cfg.command)
@@ -465,14 +485,18 @@ class _Vm:
             klog=d / "console.log", agent_sock=agent_sock, shares=share_socks, net=internet,
             name=f"hotbox-{self.rundir.vm_id}", hostfwd=hostfwd, restrict=not internet,
             qmp_sock=self.qmp_sock, incoming=launch is not None and launch.incoming,
-            root_format=root_format, root_snapshot=root_snapshot, disks=disks)
+            root_format=root_format, root_snapshot=root_snapshot, disks=disks,
+            hot=launch.hot if launch is not None else None)
         qlog = open(d / "qemu.log", "wb")  # noqa: SIM115 - closed in close()
         self._log_files.append(qlog)
         env_q = {**os.environ, "TMPDIR": str(d)}  # snapshot=on puts its overlay in TMPDIR: ours is reaped
-        jail = jail_for(d)
+        hot = launch.hot if launch is not None else None
+        # What QEMU writes through 9p is owned by its uid: the hot:// storage's owner, as a container's writes are.
+        jail = jail_for(d, uid=HOT_UID if hot is not None else None)
         if jail is not None:
             ro = [kernel.vmlinux, self.handle.path, initrd, root]
-            argv = jail.wrap(argv, ro=[p for p in ro if not p.resolve().is_relative_to(d.resolve())], rw=[d],
+            argv = jail.wrap(argv, ro=[p for p in ro if not p.resolve().is_relative_to(d.resolve())],
+                             rw=[d, *([hot] if hot is not None else [])],
                              kvm=self.accel == "kvm")
             await anyio.to_thread.run_sync(jail.give, d)
         self.started = time.monotonic()
@@ -600,13 +624,16 @@ class QemuBackend(InitBackend):
     #: Boot deadlines (VMM start to the command's start), overridable with HOTBOX_VM_BOOT_TIMEOUT.
     BOOT_TIMEOUT = {"kvm": 30.0, "tcg": 90.0}
 
-    def __init__(self, *, accel: Accel | None = None, settings: Settings | None = None) -> None:
+    def __init__(self, *, accel: Accel | None = None, settings: Settings | None = None,
+                 kernel: GuestKernelFlavour = "cloud") -> None:
         self.settings = settings or load_settings()
+        if kernel not in KERNEL_FLAVOURS:
+            raise ConfigError.invalid("kernel", kernel, " or ".join(map(repr, KERNEL_FLAVOURS)))
+        #: Which Debian guest kernel boots (:data:`~.guestkernel.KERNEL_FLAVOURS`; ``generic`` has 9p).
+        self.kernel_flavour: GuestKernelFlavour = kernel
         self.qemu = find_qemu()
         forced = accel or os.environ.get("HOTBOX_VM_ACCEL") or None
         if forced not in (None, "kvm", "tcg"):
-            from ..errors import ConfigError
-
             raise ConfigError.invalid("accel", forced, "'kvm', 'tcg' or unset (probe)")
         self._forced: Accel | None = forced  # type: ignore[assignment]
         self._ready: tuple[GuestKernel, Path, Accel] | None = None
@@ -635,7 +662,7 @@ class QemuBackend(InitBackend):
                                    f"run under TCG (emulation, several times slower): {why}")
 
     def _prepare_blocking(self) -> tuple[GuestKernel, Path, Accel]:
-        kernel = ensure_kernel(self.cache)
+        kernel = ensure_kernel(self.cache, flavour=self.kernel_flavour)
         base = build_initramfs(kernel, self.cache)
         accel: Accel
         if self._forced == "kvm":

@@ -494,7 +494,7 @@ def _check_args(program: Any, guest_ports: Any) -> tuple[list[str], list[int]]:
 
 async def start_warm_vm(backend: VmmBackend, config: VmConfig, handle: RootfsHandle, *, program: list[str],
                         guest_ports: list[int], key_extra: str = "",
-                        disks: tuple[tuple[str, int, int, int], ...] = ()) -> WarmVm:
+                        disks: tuple[tuple[str, int, int, int], ...] = (), hot: Path | None = None) -> WarmVm:
     """A VM whose ``program`` is waiting in ``hotbox_warm.wait_for_start()``: restored from the cached
     snapshot of its key, or cold-booted (and then saved for the next caller).
 
@@ -505,7 +505,8 @@ async def start_warm_vm(backend: VmmBackend, config: VmConfig, handle: RootfsHan
     cannot make warm VMs (only QEMU can), VmBootError when the guest or the program does not come up.
     A snapshot that fails to restore is discarded and the VM cold-boots instead. ``disks``
     (serial, MB, uid, gid) are fresh ext4 drives made for every start (``WarmLaunch.disks``; their serials
-    and sizes belong in ``key_extra``).
+    and sizes belong in ``key_extra``). ``hot`` is a host directory exported over virtio-9p at every start
+    (``WarmLaunch.hot``; whether there is one belongs in ``key_extra``, its path does not).
     """
     program, guest_ports = _check_args(program, guest_ports)
     if not isinstance(backend, QemuBackend):
@@ -525,21 +526,22 @@ async def start_warm_vm(backend: VmmBackend, config: VmConfig, handle: RootfsHan
         snap = store.lookup(key)
         if snap is not None:
             try:
-                warm = await _restore(backend, config, handle, program, guest_ports, snap, disks)
+                warm = await _restore(backend, config, handle, program, guest_ports, snap, disks, hot)
                 warm.snapshot_key = key
                 return warm
             except VmBootError as exc:
                 log.warning("snapshot %s did not restore, cold-booting instead: %s", key, exc)
                 store.discard(key)
-    return await _cold_boot(backend, config, handle, program, guest_ports, store if can_save else None, key, disks)
+    return await _cold_boot(backend, config, handle, program, guest_ports, store if can_save else None, key, disks,
+                            hot)
 
 
 async def _cold_boot(backend: QemuBackend, config: VmConfig, handle: RootfsHandle, program: list[str],
                      guest_ports: list[int], store: SnapshotStore | None, key: str,
-                     disks: tuple[tuple[str, int, int, int], ...] = ()) -> WarmVm:
+                     disks: tuple[tuple[str, int, int, int], ...] = (), hot: Path | None = None) -> WarmVm:
     ports = _forwards(guest_ports)
     vm = backend.new_warm_vm(config, handle, WarmLaunch(program=program, hostfwd=ports,
-                                                        fresh_overlay=store is not None, disks=disks))
+                                                        fresh_overlay=store is not None, disks=disks, hot=hot))
     t0 = time.monotonic()
     await vm.start(RunInfo())
     warm = WarmVm(vm, host_ports=ports, restored=False)
@@ -562,12 +564,13 @@ async def _cold_boot(backend: QemuBackend, config: VmConfig, handle: RootfsHandl
 
 
 async def _restore(backend: QemuBackend, config: VmConfig, handle: RootfsHandle, program: list[str],
-                   guest_ports: list[int], snap: Path, disks: tuple[tuple[str, int, int, int], ...] = ()) -> WarmVm:
+                   guest_ports: list[int], snap: Path, disks: tuple[tuple[str, int, int, int], ...] = (),
+                   hot: Path | None = None) -> WarmVm:
     meta = json.loads((snap / "meta.json").read_text())
     ports = _forwards(guest_ports)
     vm = backend.new_warm_vm(config, handle, WarmLaunch(
         program=program, hostfwd=ports, root=snap / "root.qcow2", initrd=snap / "initrd.cpio",
-        nonce=str(meta["nonce"]), incoming=True, disks=disks))
+        nonce=str(meta["nonce"]), incoming=True, disks=disks, hot=hot))
     t0 = time.monotonic()
     await vm.start(RunInfo())
     log.debug("restore: QEMU up and connected in %.3f s", time.monotonic() - t0)

@@ -5,10 +5,11 @@ every task starts from a snapshot with the interpreter already loaded. The start
 
     {"argv": [...], "env": {...}, "workdir": "/", "user": "65534:65534", "read_only": true,
      "tmp_mb": 128, "pids": 100, "caps": ["CHOWN", ...], "data_disk": true, "root_disk": false,
-     "stdin": BASE64 | null}
+     "hot": true, "stdin": BASE64 | null}
 
 It then shapes the guest like a box (a size-limited tmpfs /tmp, /data on the host's fresh drive of the
-size's disk, a read-only root for a default box, a pids cgroup) and confines the task the way runc
+size's disk, the project's hot:// storage at /hot over virtio-9p, a read-only root for a default box, a pids
+cgroup) and confines the task the way runc
 confines a container's process: the task runs under a small init (:func:`box_init`, pid 1 of a pid
 namespace of its own, so ``kill -9 -1`` reaches only the box's processes) in a mount namespace with a
 fresh /proc, runc's masked and read-only /proc paths, a read-only /sys and a /dev of the harmless
@@ -51,6 +52,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVA
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
 BLKFLSBUF = 0x1261
 DATA_SERIAL, ROOT_SERIAL = "hotbox-data", "hotbox-root"  # hotbox_jupyter.box.vmtier's
+HOT_TAG = "hotbox-hot"  # hotbox_jupyter.hotcell.qemu's
 STAGE = "/hotcell"  # in the box's mount namespace, a private tmpfs there holds its root drive and overlay
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
 CAPS = {name: n for n, name in enumerate((
@@ -161,7 +163,7 @@ def overlay_root() -> None:
     os.mkdir(f"{disk}/work")
     must(mount("overlay", new, "overlay", 0, f"lowerdir=/,upperdir={disk}/upper,workdir={disk}/work"),
          "mounting the overlay root (is the overlay module loaded?)")
-    for path in ("/sys", "/tmp", "/data", "/opt/hotbox", "/.hotbox"):
+    for path in ("/sys", "/tmp", "/data", "/hot", "/opt/hotbox", "/.hotbox"):
         if os.path.isdir(path) and os.path.isdir(new + path):
             must(mount(path, new + path, None, MS_BIND | MS_REC, None), f"carrying {path} over")
     os.chdir(new)
@@ -192,6 +194,11 @@ def shape_guest(task: dict) -> str | None:
         # /data becomes a mount of its own, so that making the root's mount read-only (not its file
         # system: MS_BIND) leaves /data writable, as the box's /data disk is.
         mount("/data", "/data", None, MS_BIND, None)
+    if task.get("hot"):
+        # Only now, after the restore: a VM that has 9p mounted cannot be saved.
+        os.makedirs("/hot", exist_ok=True)
+        must(mount(HOT_TAG, "/hot", "9p", MS_NOSUID | MS_NODEV,
+                   "trans=virtio,version=9p2000.L,access=client,msize=262144"), "mounting hot:// at /hot")
     group = make_cgroup(int(task.get("pids", 100)))
     if task.get("read_only", True):
         mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)

@@ -34,12 +34,7 @@ KNOWN_HOLES: dict[tuple[str, str], tuple[str, bool]] = {
         "intermittent (2 runs of 3 under load): the box dies with exit 2 and reason pids in the middle of a "
         "busy pipeline; gVisor's sentry and gofer threads count against the box's pids limit of 100", False),
 }
-_NO_HOT = "/hot is not mounted in a microvm box (virtio-fs is not part of its snapshot)"
 KNOWN_HOLES.update({
-    ("test_hot_storage_fill_stops_at_the_quota", "microvm"): (_NO_HOT, True),
-    ("test_setuid_file_planted_through_hot_is_inert_on_the_host", "microvm"): (_NO_HOT, True),
-    ("test_device_node_through_hot_cannot_be_made", "microvm"): (_NO_HOT, True),
-    ("test_symlink_planted_in_hot_is_not_followed_by_the_host", "microvm"): (_NO_HOT, True),
     ("test_fork_bomb_is_killed_for_pids", "microvm"): (
         "intermittent under TCG and load: the bomb runs into its 30 s timeout (reason timeout) instead of "
         "failing a fork at the guest's pids limit (reason pids)", False),
