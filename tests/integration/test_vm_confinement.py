@@ -46,7 +46,7 @@ def visible_files(pid: int) -> set[str]:
     return found
 
 
-def assert_confined(warm: WarmVm, other_run_dir: Path | None = None) -> None:
+def assert_confined(warm: WarmVm, other_run_dir: Path | None = None, hot: Path | None = None) -> None:
     assert warm.pid is not None
     st = status(warm.pid)
     uid = int(st["Uid"].split()[0])
@@ -58,7 +58,7 @@ def assert_confined(warm: WarmVm, other_run_dir: Path | None = None) -> None:
     own = str(warm._vm.rundir.path) if warm._vm.rundir else ""
     files = visible_files(warm.pid)
     assert {f for f in files if f.startswith("/etc")} == {"/etc/ld.so.cache"}
-    outside = {f for f in files if not f.startswith(("/etc", own))}
+    outside = {f for f in files if not f.startswith(("/etc", own, *([f"{hot}/"] if hot else [])))}
     kernel_and_disk = {f for f in outside if f.endswith(("vmlinux", ".ext4", "root.qcow2", "initrd.cpio"))}
     assert outside == kernel_and_disk, f"QEMU sees files that are not its VM's: {outside - kernel_and_disk}"
     if other_run_dir is not None:
@@ -93,6 +93,51 @@ def test_a_warm_vm_runs_confined_cold_and_restored(backend: QemuBackend, handle:
             assert w.pid is not None and not Path(f"/proc/{w.pid}").exists()
 
     anyio.run(go)
+    assert not vm_processes(os.getpid())
+    assert not run_dirs()
+
+
+HOT_PROGRAM = ["python3", "-u", "-c", "import ctypes, os, hotbox_warm\nhotbox_warm.wait_for_start()\n"
+               "os.makedirs('/hot', exist_ok=True)\n"
+               "rc = ctypes.CDLL(None).mount(b'hotbox-hot', b'/hot', b'9p', 6, b'trans=virtio,version=9p2000.L')\n"
+               "if rc == 0:\n    open('/hot/' + hotbox_warm.receive()['name'], 'w').write('hi')\n"
+               "hotbox_warm.send({'t': 'mounted', 'rc': rc})\nhotbox_warm.receive()\n"]
+
+
+def test_a_box_vms_jailed_qemu_sees_the_hot_storage_as_its_owner(handle: RootfsHandle, tmp_path: Path) -> None:
+    """/hot over 9p (a microvm box's hot:// storage): the jailed QEMU, cold-booted and restored, writes
+    into the storage directory as uid 65534 (the storage's owner) and is confined as any VM's QEMU."""
+    generic = QemuBackend(kernel="generic")
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    os.chown(hot, 65534, 65534)
+    key = secrets.token_hex(4)
+    config = VmConfig(command=["true"], memory_mib=256)
+
+    async def go() -> None:
+        snapshot = None
+        try:
+            for i in range(2):
+                w = await start_warm_vm(generic, config, handle, program=HOT_PROGRAM, guest_ports=[],
+                                        key_extra=key, hot=hot)
+                snapshot = snapshot or w.snapshot_key
+                try:
+                    assert w.restored == (i == 1)
+                    assert_confined(w, hot=hot)
+                    assert w.pid is not None and status(w.pid)["Uid"].split() == ["65534"] * 4
+                    await w.release({})
+                    await w.send({"name": f"f{i}"})
+                    assert await w.receive() == {"t": "mounted", "rc": 0}
+                finally:
+                    await w.stop()
+        finally:
+            if snapshot:
+                SnapshotStore(generic.cache / "snapshots").discard(snapshot)
+
+    anyio.run(go)
+    for name in ("f0", "f1"):
+        st = (hot / name).lstat()
+        assert (st.st_uid, st.st_gid) == (65534, 65534) and (hot / name).read_text() == "hi"
     assert not vm_processes(os.getpid())
     assert not run_dirs()
 
