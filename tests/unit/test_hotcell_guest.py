@@ -10,10 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from hotbox_jupyter.errors import VmmUnavailableError
+from hotbox_jupyter.errors import ConfigError, VmmUnavailableError
 from hotbox_jupyter.hotcell.config import VmConfig
 from hotbox_jupyter.hotcell.firecracker import firecracker_config
-from hotbox_jupyter.hotcell.guestkernel import GuestKernel, extract_vmlinux, newc_archive, run_archive
+from hotbox_jupyter.hotcell.guestkernel import (
+    BASE_MODULES,
+    BOOT_FS_MODULES,
+    GuestKernel,
+    ensure_kernel,
+    extract_vmlinux,
+    newc_archive,
+    run_archive,
+)
 from hotbox_jupyter.hotcell.guestproto import GuestOutcome, GuestStream, run_conf
 from hotbox_jupyter.hotcell.libkrun import worker_spec
 from hotbox_jupyter.hotcell.qemu import kernel_cmdline, qemu_argv
@@ -139,6 +147,16 @@ def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
         k.load_order(["nope"])
 
 
+def test_a_kernel_with_ext4_as_a_module_loads_it_first(tmp_path: Path) -> None:
+    """The generic kernel has ext4 (and the crc32c it asks the crypto API for) as modules; the cloud one not."""
+    cloud = GuestKernel(version="c", root=tmp_path, deps={m: () for m in BASE_MODULES})
+    assert cloud.boot_modules() == list(BASE_MODULES)
+    generic = GuestKernel(version="g", root=tmp_path, deps={m: () for m in (*BASE_MODULES, *BOOT_FS_MODULES)})
+    assert generic.boot_modules() == [*BOOT_FS_MODULES, *BASE_MODULES]
+    with pytest.raises(ConfigError, match=r"kernel='bogus'.*'cloud' or 'generic'"):
+        ensure_kernel(tmp_path, flavour="bogus")  # type: ignore[arg-type]
+
+
 def test_qemu_command_line(tmp_path: Path) -> None:
     append = kernel_cmdline("tcg", "hotbox-owner=4242")
     assert "hotbox-owner=4242" in append and "quiet" in append and "console=ttyS0" in append
@@ -151,6 +169,12 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     assert "microvm,memory-backend=mem" in joined and "share=on" in joined
     assert "snapshot=on" in joined and "name=hotbox.out" in joined and "tag=share0" in joined
     assert "-netdev" not in argv
+    assert "-fsdev" not in argv and "virtio-9p-device" not in joined
+    hot = qemu_argv(qemu="q", accel="tcg", vcpus=1, memory_mib=128, vmlinux=tmp_path, initrd=tmp_path,
+                    append="", rootfs=tmp_path, out_sock=tmp_path, klog=tmp_path, hot=tmp_path / "hot")
+    assert hot[hot.index("-fsdev") + 1] == f"local,id=hot,path={tmp_path / 'hot'},security_model=none"
+    assert "virtio-9p-device,fsdev=hot,mount_tag=hotbox-hot" in hot
+    assert "memory-backend" not in " ".join(hot)  # 9p needs no shared guest RAM (vhost-user-fs does)
     kvm = qemu_argv(qemu="q", accel="kvm", vcpus=1, memory_mib=128, vmlinux=tmp_path, initrd=tmp_path,
                     append="", rootfs=tmp_path, out_sock=tmp_path, klog=tmp_path, net=True)
     assert "-cpu" in kvm and kvm[kvm.index("-cpu") + 1] == "host" and "virtio-net-device,netdev=n0" in kvm
