@@ -10,9 +10,10 @@ Why these choices (measured, see the microVM lab notes):
 * The ``generic`` flavour (``linux-image-amd64``, the same version) is there for what the cloud kernel
   lacks: it has 9p (``# CONFIG_NET_9P is not set`` in the cloud one), which a snapshot may carry
   unmounted where virtio-fs cannot be in one. It has ext4 and crc32c as modules, so those load first.
-  Measured here under TCG, one run, 6 samples each (cloud = 1.0): cold boot to first output x1.26
-  (4.75 s vs 3.77 s), cold boot + snapshot save x1.06, snapshot restore x1.3 (0.42 s vs 0.33 s); so
-  ``cloud`` stays the default and a backend asks for ``generic`` (:class:`~.qemu.QemuBackend` ``kernel=``).
+  Measured here under TCG in two runs against the cloud kernel in the same run: cold boot to first
+  output x1.26 and x1.15, cold boot + snapshot save x1.06 and x1.26, snapshot restore x1.3 and x0.86
+  (0.33-0.42 s, noise); so ``cloud`` stays the default and a backend asks for ``generic``
+  (:class:`~.qemu.QemuBackend` ``kernel=``), as microvm boxes do for /hot.
 * The virtio modules (virtio-mmio, -blk, -console, -net, virtiofs) and overlay go into a small initramfs with a
   static busybox and hotbox's ``/init`` (``runtimes/vm/init``). The kernel has no module dependency
   files in the package, so the load order comes from each module's ``depends=`` modinfo.
