@@ -23,9 +23,11 @@ and vCPUs; a timeout or SIGKILL kills the VM.
 device set, never mounted before the snapshot, which 9p allows and virtio-fs does not), mounted by the
 runner after the restore, ``nosuid,nodev``, in the task's mount namespace. Box VMs therefore boot Debian's
 generic guest kernel (the cloud one has no 9p; see :mod:`..hotcell.guestkernel` for what it costs). Their
-QEMU runs as uid 65534, the storage's owner, so what the box writes there is owned as a container box's
-non-root writes are (root's chown to other owners is dropped, and no device node can be made), and the
-storage disk's quota stops a fill with ENOSPC ("disk" in the result, as for a container).
+QEMU keeps its own uid and never sees the storage: 9p's proxy backend hands the file operations to a
+virtfs-proxy-helper running as uid 65534, the storage's owner, in a user namespace that maps only that uid
+(:meth:`..hotcell.qemu._Vm._start_hot_helper`), so what the box writes there is owned as a container
+box's non-root writes are (root's chown to other owners is refused, and no device node can be made), and
+the storage disk's quota stops a fill with ENOSPC ("disk" in the result, as for a container).
 
 Differences from a container box, said plainly: there is no seccomp
 filter inside the guest (the guest kernel is the VM's own), and an image without ``python3`` cold-boots

@@ -22,6 +22,13 @@ CapEff 0x880000db = CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, 
 mount and pid namespace of its own (pid 1 there), chrooted into the shared directory (``-o
 sandbox=chroot``), with no_new_privs and its own seccomp filter (``Seccomp: 2``).
 
+A box's /hot (virtio-9p, ``proxy`` backend) is served by virtfs-proxy-helper, started per VM by
+:mod:`.qemu` (``_Vm._start_hot_helper``), not by QEMU: its own mount and pid namespace (pid 1 there, the
+export bind-mounted nosuid,nodev), uid/gid 65534 (the storage's owner) with no_new_privs, in a user
+namespace that maps only 65534; the capabilities it insists on (CapEff 0x80000db: CHOWN, DAC_OVERRIDE,
+FOWNER, FSETID, SETGID, SETUID, MKNOD) hold only in that namespace, so it cannot become or give files to
+another host uid, nor make device nodes; it chroots into the export itself. No seccomp filter (``Seccomp: 0``).
+
 Turned off with ``HOTBOX_VM_CONFINE=0`` (for debugging), and off when the host process is not root
 (then QEMU runs as that unprivileged user, still under ``-sandbox``).
 """
@@ -121,15 +128,11 @@ def confinement_reason() -> str | None:
     return None
 
 
-def jail_for(run_dir: Path, uid: int | None = None) -> Jail | None:
-    """A jail for the VM of ``run_dir`` (its root mount point made there), or None when confinement is off.
-
-    ``uid`` replaces the VM's own uid where QEMU must write files as a given owner (a box's /hot over 9p).
-    """
+def jail_for(run_dir: Path) -> Jail | None:
+    """A jail for the VM of ``run_dir`` (its root mount point made there), or None when confinement is off."""
     if confinement_reason() is not None:
         return None
-    if uid is None:
-        uid = UID_BASE + secrets.randbelow(UID_SPAN)
+    uid = UID_BASE + secrets.randbelow(UID_SPAN)
     root = run_dir / "jail"
     root.mkdir(mode=0o755, exist_ok=True)
     return Jail(uid=uid, gid=uid, root=root)

@@ -38,6 +38,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -80,9 +82,13 @@ AGENT_COMMAND = ["python3", "-u", "/opt/hotbox/python/agent.py"]
 VIRTIOFSD_CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 _SOCKET_PATH_MAX = 107
 #: The 9p mount tag of a box's hot:// storage (runtimes/python/vmtask.py mounts it at /hot), and the uid
-#: its QEMU runs as: the storage's owner (box.storage.NOBODY_UID), so files come out as a container box's.
+#: its 9p proxy helper runs as: the storage's owner (box.storage.NOBODY_UID), so files come out as a
+#: container box's.
 HOT_TAG = "hotbox-hot"
 HOT_UID = 65534
+VIRTFS_PROXY_HELPER = "/usr/lib/qemu/virtfs-proxy-helper"
+#: What virtfs-proxy-helper keeps (it refuses to start without all of them), plus chroot for itself.
+HOT_HELPER_CAPS = ("sys_chroot", "chown", "dac_override", "fowner", "fsetid", "setgid", "setuid", "mknod")
 
 
 def find_qemu() -> str:
@@ -148,16 +154,17 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
               shares: list[tuple[str, Path]] | None = None, net: bool = False, name: str = "hotbox",
               hostfwd: Mapping[int, int] | None = None, restrict: bool = False, qmp_sock: Path | None = None,
               incoming: bool = False, root_format: str = "raw", root_snapshot: bool = True,
-              disks: Sequence[tuple[str, Path]] = (), hot: Path | None = None) -> list[str]:
+              disks: Sequence[tuple[str, Path]] = (), hot_fd: int | None = None) -> list[str]:
     """The QEMU command line of one microVM (pure: unit-tested).
 
     ``hostfwd`` (guest port -> 127.0.0.1 port) and ``restrict`` (no connection out of the guest) shape
     the user network; ``qmp_sock`` adds a QMP server, ``incoming`` waits for a migration stream (a
     restore); ``root_format``/``root_snapshot`` say how the root disk is opened (a qcow2 overlay that
     takes the writes, or anything with a throw-away overlay on top). ``disks`` are (serial, file) drives
-    right after the root disk, so a snapshot and its restores have the same devices. ``hot`` is a host
-    directory exported over virtio-9p (tag :data:`HOT_TAG`): unlike virtio-fs it can be in a snapshot,
-    as long as the guest has not mounted it when the VM is saved.
+    right after the root disk, so a snapshot and its restores have the same devices. ``hot_fd`` is QEMU's
+    end of a socket to a virtfs-proxy-helper that exports a host directory over virtio-9p (tag
+    :data:`HOT_TAG`): unlike virtio-fs it can be in a snapshot, as long as the guest has not mounted it
+    when the VM is saved.
     """
     machine = "microvm"
     argv = [qemu, "-name", name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -177,10 +184,9 @@ def qemu_argv(*, qemu: str, accel: Accel, vcpus: int, memory_mib: int, vmlinux: 
     for i, (serial, disk) in enumerate(disks):
         argv += ["-drive", f"id=disk{i},file={disk},format=raw,if=none,cache=unsafe",
                  "-device", f"virtio-blk-device,drive=disk{i},serial={serial}"]
-    if hot is not None:
-        # security_model=none: QEMU creates files as its own uid (chown to others is dropped), and
-        # cannot make device nodes; the storage disk under it is mounted nosuid,nodev on the host.
-        argv += ["-fsdev", f"local,id=hot,path={hot},security_model=none",
+    if hot_fd is not None:
+        # The proxy backend: QEMU touches no file of the export, the helper (_start_hot_helper) does.
+        argv += ["-fsdev", f"proxy,id=hot,sock_fd={hot_fd}",
                  "-device", f"virtio-9p-device,fsdev=hot,mount_tag={HOT_TAG}"]
     argv += ["-device", "virtio-serial-device",
              "-chardev", f"socket,id=out,path={out_sock}", "-device", "virtserialport,chardev=out,name=hotbox.out"]
@@ -350,7 +356,7 @@ class WarmLaunch:
     incoming: bool = False
     # (serial, MB, uid, gid): a fresh ext4 drive of that size at every start, e.g. a box's /data
     disks: tuple[tuple[str, int, int, int], ...] = ()
-    # A host directory exported over virtio-9p (a box's hot:// storage); QEMU then runs as HOT_UID.
+    # A host directory exported over virtio-9p (a box's hot:// storage) by a virtfs-proxy-helper as HOT_UID.
     hot: Path | None = None
 
 
@@ -478,6 +484,21 @@ class _Vm:
             disks.append((serial, d / f"{serial}.img"))
             await anyio.to_thread.run_sync(make_disk_image, disks[-1][1], size_mb, uid, gid,
                                            f"the {size_mb} MB drive {serial} (disk-size)")
+        hot = launch.hot if launch is not None else None
+        hot_fd = await self._start_hot_helper(hot) if hot is not None else None
+        try:
+            await self._launch_qemu(kernel, initrd, root, root_format, root_snapshot, disks, out_sock,
+                                    agent_sock, share_socks, hostfwd, internet, hot_fd)
+        finally:
+            if hot_fd is not None:
+                os.close(hot_fd)
+
+    async def _launch_qemu(self, kernel: GuestKernel, initrd: Path, root: Path, root_format: str,
+                           root_snapshot: bool, disks: list[tuple[str, Path]], out_sock: Path,
+                           agent_sock: Path | None, share_socks: list[tuple[str, Path]], hostfwd: dict[int, int],
+                           internet: bool, hot_fd: int | None) -> None:
+        assert self.rundir is not None
+        cfg, d, token, launch = self.config, self.rundir.path, self.rundir.owner_token, self.launch
         argv = qemu_argv(
             qemu=self.backend.qemu, accel=self.accel, vcpus=cfg.vcpus, memory_mib=cfg.memory_mib,
             vmlinux=kernel.vmlinux, initrd=initrd, append=kernel_cmdline(self.accel, token),
@@ -486,22 +507,21 @@ class _Vm:
             name=f"hotbox-{self.rundir.vm_id}", hostfwd=hostfwd, restrict=not internet,
             qmp_sock=self.qmp_sock, incoming=launch is not None and launch.incoming,
             root_format=root_format, root_snapshot=root_snapshot, disks=disks,
-            hot=launch.hot if launch is not None else None)
+            hot_fd=hot_fd)
         qlog = open(d / "qemu.log", "wb")  # noqa: SIM115 - closed in close()
         self._log_files.append(qlog)
         env_q = {**os.environ, "TMPDIR": str(d)}  # snapshot=on puts its overlay in TMPDIR: ours is reaped
-        hot = launch.hot if launch is not None else None
-        # What QEMU writes through 9p is owned by its uid: the hot:// storage's owner, as a container's writes are.
-        jail = jail_for(d, uid=HOT_UID if hot is not None else None)
+        # QEMU never sees /hot's files (the proxy helper does), so it keeps a uid of its own here too.
+        jail = jail_for(d)
         if jail is not None:
             ro = [kernel.vmlinux, self.handle.path, initrd, root]
-            argv = jail.wrap(argv, ro=[p for p in ro if not p.resolve().is_relative_to(d.resolve())],
-                             rw=[d, *([hot] if hot is not None else [])],
+            argv = jail.wrap(argv, ro=[p for p in ro if not p.resolve().is_relative_to(d.resolve())], rw=[d],
                              kvm=self.accel == "kvm")
             await anyio.to_thread.run_sync(jail.give, d)
         self.started = time.monotonic()
         self.qemu = await anyio.open_process([*pdeathsig_prefix(), *argv], stdin=subprocess.DEVNULL,
-                                             stdout=qlog, stderr=qlog, env=env_q, start_new_session=True)
+                                             stdout=qlog, stderr=qlog, env=env_q, start_new_session=True,
+                                             pass_fds=() if hot_fd is None else (hot_fd,))
         self.rundir.add_proc(self.qemu.pid, "qemu" if jail is None else "qemu-jail")
         self.out = await self._accept(self._listeners[0], "hotbox.out")
         if self.agent:
@@ -541,6 +561,55 @@ class _Vm:
         if not sock.exists():
             raise VmBootError(f"virtiofsd for {src} did not start: {self._tail(f'virtiofsd{i}.log')}")
 
+    async def _start_hot_helper(self, hot: Path) -> int:
+        """Start the virtfs-proxy-helper that exports ``hot`` over 9p; return QEMU's end of its socket.
+
+        It runs in a mount and pid namespace of its own (the export bind-mounted nosuid,nodev, pid 1
+        there), as HOT_UID (the storage's owner) in a user namespace of its own that maps only that
+        uid and gid, chrooted into the export by itself, with no_new_privs. The capabilities it insists
+        on (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD) are then only the user
+        namespace's: it cannot become another host uid, give a file to one, or make a device node.
+        """
+        assert self.rundir is not None
+        if os.geteuid() != 0:
+            raise VmmUnavailableError("/hot over 9p needs virtfs-proxy-helper, which must be started by root here")
+        helper = os.environ.get("HOTBOX_VIRTFS_PROXY_HELPER") or VIRTFS_PROXY_HELPER
+        if not os.access(helper, os.X_OK):
+            raise VmmUnavailableError(f"/hot over 9p needs {helper} (Debian: qemu-system-common)")
+        # The helper creates files with the gid the guest asks for, and its user namespace maps only
+        # HOT_UID's group: a setgid export makes new files and directories take the export's group.
+        mode = hot.stat().st_mode
+        if not mode & stat.S_ISGID:
+            os.chmod(hot, stat.S_IMODE(mode) | stat.S_ISGID)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        caps = ",".join(f"+{c}" for c in HOT_HELPER_CAPS)
+        # The export is bind-mounted at <top>/hot of the namespace (a tmpfs over a top directory that does not
+        # hold it): its own path may not be searchable by HOT_UID.
+        top = next(t for t in ("/mnt", "/srv", "/media", "/opt", "/run")
+                   if os.path.isdir(t) and not hot.resolve().is_relative_to(t))
+        script = ('mount -t tmpfs -o mode=0755,size=64k hotbox-9p "$6" && mkdir "$6/hot" && '
+                  'mount --bind "$1" "$6/hot" && mount -o remount,bind,nosuid,nodev "$6/hot" && '
+                  'exec setpriv --reuid="$4" --regid="$4" --clear-groups --no-new-privs -- '
+                  'unshare --user --map-user="$4" --map-group="$4" --keep-caps -- '
+                  'setpriv --inh-caps=-all,"$5" --ambient-caps=-all,"$5" --bounding-set=-all,"$5" -- '
+                  '"$2" -p "$6/hot" -f "$3" -n')
+        argv = [*pdeathsig_prefix(), "unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation",
+                "private", "sh", "-c", script, "hotbox-9p", str(hot), helper, str(theirs.fileno()),
+                str(HOT_UID), caps, top]
+        hlog = open(self.rundir.path / "9p-helper.log", "wb")  # noqa: SIM115 - closed in close()
+        self._log_files.append(hlog)
+        try:
+            proc = await anyio.open_process(argv, stdin=subprocess.DEVNULL, stdout=hlog, stderr=hlog,
+                                            start_new_session=True, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.helpers.append(proc)
+        self.rundir.add_proc(proc.pid, "9p-helper")
+        return ours.detach()
+
     async def _accept(self, listener: Any, what: str) -> SocketStream:
         assert self.qemu is not None
         with anyio.move_on_after(30):
@@ -550,8 +619,8 @@ class _Vm:
                     return stream
                 if self.qemu.returncode is not None:
                     raise VmBootError(f"QEMU exited ({self.qemu.returncode}) before connecting {what}: "
-                                      f"{self._tail('qemu.log')}")
-        raise VmBootError(f"QEMU did not connect {what} within 30 s: {self._tail('qemu.log')}")
+                                      f"{self._vmm_log()}")
+        raise VmBootError(f"QEMU did not connect {what} within 30 s: {self._vmm_log()}")
 
     def _tail(self, name: str, n: int = 800) -> str:
         if self.rundir is None:
@@ -564,7 +633,12 @@ class _Vm:
 
     def diagnostics(self) -> str:
         """The tails of QEMU's log and the guest's kernel console, for error messages."""
-        return f"QEMU: {self._tail('qemu.log')}; guest console: {self._tail('console.log')}"
+        return f"QEMU: {self._vmm_log()}; guest console: {self._tail('console.log')}"
+
+    def _vmm_log(self) -> str:
+        """QEMU's log, and the 9p proxy helper's when there is one (QEMU only says the share is missing)."""
+        helper = self.rundir is not None and (self.rundir.path / "9p-helper.log").exists()
+        return self._tail("qemu.log") + (f"; 9p helper: {self._tail('9p-helper.log')}" if helper else "")
 
     def kernel_log(self) -> str:
         return self._tail("console.log", 4000)

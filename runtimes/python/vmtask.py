@@ -195,10 +195,11 @@ def shape_guest(task: dict) -> str | None:
         # system: MS_BIND) leaves /data writable, as the box's /data disk is.
         mount("/data", "/data", None, MS_BIND, None)
     if task.get("hot"):
-        # Only now, after the restore: a VM that has 9p mounted cannot be saved.
+        # Only now, after the restore: a VM that has 9p mounted cannot be saved. access=any: one attach,
+        # so the host's proxy helper creates every file as its own uid (the storage's owner).
         os.makedirs("/hot", exist_ok=True)
         must(mount(HOT_TAG, "/hot", "9p", MS_NOSUID | MS_NODEV,
-                   "trans=virtio,version=9p2000.L,access=client,msize=262144"), "mounting hot:// at /hot")
+                   "trans=virtio,version=9p2000.L,access=any,msize=262144"), "mounting hot:// at /hot")
     group = make_cgroup(int(task.get("pids", 100)))
     if task.get("read_only", True):
         mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)

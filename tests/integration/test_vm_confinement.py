@@ -15,7 +15,7 @@ from vm_support import drop_session_cache, run_dirs, vm_processes  # noqa: F401 
 from hotbox_jupyter.events import Exit, StdoutChunk
 from hotbox_jupyter.hotcell.backend import RootfsHandle
 from hotbox_jupyter.hotcell.config import SharedDir, VmConfig
-from hotbox_jupyter.hotcell.jail import confinement_reason
+from hotbox_jupyter.hotcell.jail import UID_BASE, confinement_reason
 from hotbox_jupyter.hotcell.qemu import QemuBackend
 from hotbox_jupyter.hotcell.snapshot import SnapshotStore, WarmVm, start_warm_vm
 from hotbox_jupyter.models import ExitReason
@@ -99,14 +99,46 @@ def test_a_warm_vm_runs_confined_cold_and_restored(backend: QemuBackend, handle:
 
 HOT_PROGRAM = ["python3", "-u", "-c", "import ctypes, os, hotbox_warm\nhotbox_warm.wait_for_start()\n"
                "os.makedirs('/hot', exist_ok=True)\n"
-               "rc = ctypes.CDLL(None).mount(b'hotbox-hot', b'/hot', b'9p', 6, b'trans=virtio,version=9p2000.L')\n"
+               "rc = ctypes.CDLL(None).mount(b'hotbox-hot', b'/hot', b'9p', 6,\n"
+               "                             b'trans=virtio,version=9p2000.L,access=any')\n"
                "if rc == 0:\n    open('/hot/' + hotbox_warm.receive()['name'], 'w').write('hi')\n"
                "hotbox_warm.send({'t': 'mounted', 'rc': rc})\nhotbox_warm.receive()\n"]
 
 
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for t in os.listdir(f"/proc/{p}/task")
+                    for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+        except OSError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def assert_hot_helper_confined(warm: WarmVm, hot: Path) -> None:
+    """The virtfs-proxy-helper: uid 65534 in a user namespace of its own (its capabilities are that
+    namespace's), pid 1 of its own pid namespace, no_new_privs, chrooted into the export."""
+    [proc] = warm._vm.helpers
+    [pid] = [p for p in descendants(proc.pid)
+             if os.path.basename(os.readlink(f"/proc/{p}/exe")) == "virtfs-proxy-helper"]
+    st = status(pid)
+    assert st["Uid"].split() == ["65534"] * 4 and st["Gid"].split() == ["65534"] * 4, st
+    assert st["NoNewPrivs"] == "1" and st["CapAmb"] == "0" * 16 and st["NSpid"].split()[-1] == "1", st
+    assert int(st["CapEff"], 16) & ~0x080000DB == 0, "only the caps virtfs-proxy-helper asks for"
+    assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    assert Path(f"/proc/{pid}/uid_map").read_text().split() == ["65534", "65534", "1"]
+    assert os.readlink(f"/proc/{pid}/root") == "/mnt/hot"  # the export, bind-mounted in its namespace
+    assert sorted(os.listdir(f"/proc/{pid}/root")) == sorted(os.listdir(hot))
+
+
 def test_a_box_vms_jailed_qemu_sees_the_hot_storage_as_its_owner(handle: RootfsHandle, tmp_path: Path) -> None:
-    """/hot over 9p (a microvm box's hot:// storage): the jailed QEMU, cold-booted and restored, writes
-    into the storage directory as uid 65534 (the storage's owner) and is confined as any VM's QEMU."""
+    """/hot over 9p (a microvm box's hot:// storage): QEMU, cold-booted and restored, is confined as any
+    VM's (a uid of its own) and sees no file of the storage; a virtfs-proxy-helper of its own, confined
+    as uid 65534 (the storage's owner), writes the guest's files there."""
     generic = QemuBackend(kernel="generic")
     hot = tmp_path / "hot"
     hot.mkdir()
@@ -123,8 +155,9 @@ def test_a_box_vms_jailed_qemu_sees_the_hot_storage_as_its_owner(handle: RootfsH
                 snapshot = snapshot or w.snapshot_key
                 try:
                     assert w.restored == (i == 1)
-                    assert_confined(w, hot=hot)
-                    assert w.pid is not None and status(w.pid)["Uid"].split() == ["65534"] * 4
+                    assert_confined(w)
+                    assert w.pid is not None and int(status(w.pid)["Uid"].split()[0]) >= UID_BASE
+                    assert_hot_helper_confined(w, hot)
                     await w.release({})
                     await w.send({"name": f"f{i}"})
                     assert await w.receive() == {"t": "mounted", "rc": 0}

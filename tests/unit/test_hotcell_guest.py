@@ -171,8 +171,8 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     assert "-netdev" not in argv
     assert "-fsdev" not in argv and "virtio-9p-device" not in joined
     hot = qemu_argv(qemu="q", accel="tcg", vcpus=1, memory_mib=128, vmlinux=tmp_path, initrd=tmp_path,
-                    append="", rootfs=tmp_path, out_sock=tmp_path, klog=tmp_path, hot=tmp_path / "hot")
-    assert hot[hot.index("-fsdev") + 1] == f"local,id=hot,path={tmp_path / 'hot'},security_model=none"
+                    append="", rootfs=tmp_path, out_sock=tmp_path, klog=tmp_path, hot_fd=7)
+    assert hot[hot.index("-fsdev") + 1] == "proxy,id=hot,sock_fd=7"
     assert "virtio-9p-device,fsdev=hot,mount_tag=hotbox-hot" in hot
     assert "memory-backend" not in " ".join(hot)  # 9p needs no shared guest RAM (vhost-user-fs does)
     kvm = qemu_argv(qemu="q", accel="kvm", vcpus=1, memory_mib=128, vmlinux=tmp_path, initrd=tmp_path,
