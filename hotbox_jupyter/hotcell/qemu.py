@@ -575,7 +575,8 @@ class _Vm:
             raise VmmUnavailableError("/hot over 9p needs virtfs-proxy-helper, which must be started by root here")
         helper = os.environ.get("HOTBOX_VIRTFS_PROXY_HELPER") or VIRTFS_PROXY_HELPER
         if not os.access(helper, os.X_OK):
-            raise VmmUnavailableError(f"/hot over 9p needs {helper} (Debian: qemu-system-common)")
+            raise VmmUnavailableError(f"/hot over 9p needs {helper} (Debian 12: qemu-system-common; QEMU "
+                                      "deprecated the proxy backend in 8.1 and removed it in 9.2)")
         # The helper creates files with the gid the guest asks for, and its user namespace maps only
         # HOT_UID's group: a setgid export makes new files and directories take the export's group.
         mode = hot.stat().st_mode
