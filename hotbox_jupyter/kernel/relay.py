@@ -294,8 +294,11 @@ class KernelRelay:
             with contextlib.suppress(BaseException):
                 await starting
         guest, self.guest = self.guest, None
-        if guest is None:
-            return
+        if guest is not None:
+            await self._release(guest, graceful=graceful)
+
+    async def _release(self, guest: _Guest, *, graceful: bool) -> None:
+        """Close the relay's sockets to ``guest``, stop (or kill) its sandbox and settle its bill."""
         await self._close_guest_sockets(guest)
         with contextlib.suppress(Exception):
             await (guest.sandbox.stop() if graceful else guest.sandbox.kill())
@@ -414,25 +417,19 @@ class KernelRelay:
         content: dict[str, Any] = {"status": "ok", "restart": False}
         with contextlib.suppress(json.JSONDecodeError, IndexError):
             content["restart"] = bool(json.loads(_split(frames)[1][4]).get("restart", False))
-        if guest is not None and guest.basic is not None:
-            await self._close_guest_sockets(guest)
-            with contextlib.suppress(Exception):
-                await guest.sandbox.kill()
-            self._settle("exited")
-            await self._reply(_Pending(idents, header), "shutdown_reply", content, channel="control")
-        elif guest is not None:
+        ipykernel = guest is not None and guest.basic is None
+        if ipykernel:
             # The guest answers (its reader forwards the shutdown_reply) and ends its kernel; the front end
             # kills this process a few seconds after asking, so the sandbox goes at once after the reply.
+            assert guest is not None
             self._shutdown_replied = asyncio.Event()
             dealer = self._dealer(guest, "control", idents[0])
             await dealer.send_multipart(frames[1:], copy=True)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._shutdown_replied.wait(), SHUTDOWN_GRACE_S)
-            await self._close_guest_sockets(guest)
-            with contextlib.suppress(Exception):
-                await guest.sandbox.kill()
-            self._settle("exited")
-        else:
+        if guest is not None:
+            await self._release(guest, graceful=False)
+        if not ipykernel:  # no guest kernel to answer: basic Python, or no sandbox
             await self._reply(_Pending(idents, header), "shutdown_reply", content, channel="control")
         await self._stop_guest(graceful=False)
         self._done.set()
