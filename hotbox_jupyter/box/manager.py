@@ -61,7 +61,7 @@ from . import policy
 from .billing import Ledger
 from .engine import LABEL_ROOT_DISK, LABEL_STATE_DIR, AttachedStream, BoxSpec, Engine, connect_engine, task_labels
 from .journal import TAIL_CAP, Cursor, Journal
-from .pools import WarmBox, WarmPools
+from .pools import WarmBox, WarmPools, after_start
 from .storage import DataDisk, ProjectStorage, destroy_disk_dir, disk_full, disk_limits_unenforceable
 
 __all__ = ["Cursor", "TaskManager", "describe_exit"]
@@ -72,8 +72,6 @@ T = TypeVar("T")
 # What a TaskResult holds in memory of the console (its tail); the kept console stays in console_path.
 RESULT_CAP = TAIL_CAP
 MAX_SPARES = 4
-# A spare /data disk is made once the box that used the last one showed output, or after this long.
-SPARE_DELAY_S = 1.0
 STDOUT, STDERR = 1, 2
 _FORK_FAILED = ("fork: Resource temporarily unavailable", "Cannot fork", "can't fork", "fork failed",
                 "BlockingIOError: [Errno 11] Resource temporarily unavailable")
@@ -680,9 +678,8 @@ class TaskManager:
             return
         self._spare_busy.add(key)
         try:
-            if after is not None:
-                with anyio.move_on_after(SPARE_DELAY_S):
-                    await after.wait()
+            if after is not None:  # made once the box that used the last one showed output
+                await after_start(after)
             spare = self.settings.state_dir / "spare" / uuid.uuid4().hex[:12]
 
             def make() -> bool:

@@ -52,7 +52,7 @@ from .storage import DataDisk
 if TYPE_CHECKING:
     from .manager import TaskManager
 
-__all__ = ["PYTHON_CELL", "PoolKey", "WarmBox", "WarmPools", "resolve_argv", "runs_in_place"]
+__all__ = ["PYTHON_CELL", "PoolKey", "WarmBox", "WarmPools", "after_start", "resolve_argv", "runs_in_place"]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,17 @@ READY = b"hotbox-pool-ready\n"
 READY_TIMEOUT_S = 30.0
 # After a pool failed to make a box, it waits this long before trying again.
 BACKOFF_S = 30.0
-# After a hand-out, the refill waits for the box's first output or end, but no longer than this.
-REFILL_DELAY_S = 1.0
+# Work that would compete with a box's start (a pool's refill, a spare /data disk) waits for the box's
+# first output or end, but no longer than this.
+AFTER_START_S = 1.0
 LABEL_POOL = "io.hotbox.pool"
 _SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+async def after_start(settled: anyio.Event) -> None:
+    """Wait until a box showed its first output or ended (``settled``), at most :data:`AFTER_START_S`."""
+    with anyio.move_on_after(AFTER_START_S):
+        await settled.wait()
 
 
 def runs_in_place(env: dict[str, str]) -> bool:
@@ -236,7 +243,7 @@ class WarmPools:
 
         Either way the pool of ``conf`` is (re)filled in the background. After a hand-out the refill
         waits until ``settled`` is set (the caller's box showed its first output or ended), at most
-        :data:`REFILL_DELAY_S`: making a box is a few hundred ms of dockerd, containerd and runc work,
+        :data:`AFTER_START_S`: making a box is a few hundred ms of dockerd, containerd and runc work,
         which on a small machine would otherwise compete with the cell it was handed to.
         """
         handed = False
@@ -348,8 +355,7 @@ class WarmPools:
         return max(0, min(self.max_total, settings.plan.max_concurrent - quota.running))
 
     async def _fill_after(self, key: PoolKey, settled: anyio.Event) -> None:
-        with anyio.move_on_after(REFILL_DELAY_S):
-            await settled.wait()
+        await after_start(settled)
         await self._fill(key)
 
     async def _fill(self, key: PoolKey) -> None:
